@@ -1,0 +1,1 @@
+"""LoRA-expert tuners (MixLoRA and friends); installed as ``upcycle.adapters``."""

@@ -1,0 +1,1 @@
+"""MoE expert and LoRA-expert kernels; installed as ``upcycle.kernels``."""

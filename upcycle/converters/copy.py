@@ -1,0 +1,118 @@
+"""Copy upcycling: each dense FFN becomes E identical experts.
+
+Sparse Upcycling (Komatsuzaki et al. 2022, https://arxiv.org/abs/2212.05055) and AquilaMoE's
+scale-out (BAAI 2024, https://arxiv.org/abs/2408.06567, E=8, top-2, router N(0, 0.02)).
+
+Exactness: with renormalized top-k weights (they sum to 1) the layer output is
+sum_k w_k * FFN(x) = FFN(x), whatever the router says. Expert noise breaks this on purpose.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from upcycle.converters.base import MethodInfo, MoELayer, MoELayout, layer_generator, register
+from upcycle.converters.routers import (
+    ROUTER_INITS,
+    hidden_state_means,
+    hidden_state_rows,
+    random_router,
+    zeros_router,
+)
+
+INFO = register(
+    MethodInfo(
+        name="copy",
+        paper="https://arxiv.org/abs/2212.05055",
+        summary="each FFN copied into E identical experts (Sparse Upcycling, AquilaMoE scale-out)",
+        exact="exact for any router when top-k weights are renormalized and --expert-noise is 0",
+    )
+)
+
+
+def copy_experts(
+    ffn: dict[str, torch.Tensor], num_experts: int, noise: float = 0.0, seed: int = 0, layer: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """E experts from one FFN {"gate": (I, H), "up": (I, H), "down": (H, I)}.
+
+    Without noise every expert shares the same tensors (no copies in memory). With noise,
+    expert e's matrix W becomes W + noise * rms(W) * N(0, 1), drawn from (seed, layer, e).
+    """
+    if noise == 0.0:
+        return [dict(ffn) for _ in range(num_experts)]
+    experts = []
+    for e in range(num_experts):
+        g = layer_generator(seed, layer, salt=100 + e)
+        out = {}
+        for role in sorted(ffn):
+            w = ffn[role].float()
+            rms = w.pow(2).mean().sqrt()
+            out[role] = (w + noise * rms * torch.randn(w.shape, generator=g)).to(ffn[role].dtype)
+        experts.append(out)
+    return experts
+
+
+def copy_layer(
+    ffn: dict[str, torch.Tensor], router: torch.Tensor, num_experts: int, noise: float, seed: int, layer: int
+) -> MoELayer:
+    return MoELayer(router=router, experts=copy_experts(ffn, num_experts, noise, seed, layer))
+
+
+class CopyMethod:
+    """Copy upcycling with a choice of router initialization."""
+
+    info = INFO
+
+    def __init__(self, *, num_experts: int, top_k: int, router_init: str = "random",
+                 router_std: float = 0.02, expert_noise: float = 0.0, seed: int = 0,
+                 expert_prompts: tuple[tuple[str, ...], ...] = ()):
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.router_init = router_init
+        self.router_std = router_std
+        self.expert_noise = expert_noise
+        self.seed = seed
+        self.expert_prompts = expert_prompts
+        self._hidden: dict[int, torch.Tensor] = {}
+
+    def validate(self) -> None:
+        from upcycle.errors import OptionError
+
+        if self.num_experts < 2:
+            raise OptionError(f"--num-experts must be at least 2, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise OptionError(f"--top-k must be between 1 and --num-experts ({self.num_experts}), got {self.top_k}")
+        if self.router_init not in ROUTER_INITS:
+            raise OptionError(f"unknown --router-init {self.router_init!r}; choose from {', '.join(ROUTER_INITS)}")
+        if self.router_std < 0 or self.expert_noise < 0:
+            raise OptionError("--router-std and --expert-noise must not be negative")
+        if self.router_init == "hidden":
+            if len(self.expert_prompts) != self.num_experts:
+                raise OptionError(
+                    f"--router-init hidden needs one --expert-prompts per expert "
+                    f"({self.num_experts}), got {len(self.expert_prompts)}"
+                )
+            if not all(self.expert_prompts):
+                raise OptionError("--expert-prompts: every expert needs at least one prompt")
+        elif self.expert_prompts:
+            raise OptionError("--expert-prompts is used only with --router-init hidden")
+
+    def layout(self, hidden: int, intermediate: int) -> MoELayout:
+        return MoELayout(self.num_experts, self.top_k, expert_width=intermediate)
+
+    def prepare(self, source_dir: str, moe_layers: list[int], log) -> None:
+        if self.router_init == "hidden":
+            log(f"computing hidden-state routers from {sum(map(len, self.expert_prompts))} prompts ...")
+            means = hidden_state_means(source_dir, [list(p) for p in self.expert_prompts], moe_layers)
+            self._hidden = {i: hidden_state_rows(m) for i, m in means.items()}
+
+    def router(self, layer: int, hidden: int) -> torch.Tensor:
+        if self.router_init == "random":
+            return random_router(self.num_experts, hidden, self.router_std, self.seed, layer)
+        if self.router_init == "zeros":
+            return zeros_router(self.num_experts, hidden)
+        return self._hidden[layer]
+
+    def layer(self, i: int, ffn: dict[str, torch.Tensor]) -> MoELayer:
+        router = self.router(i, ffn["down"].shape[0])
+        return copy_layer(ffn, router, self.num_experts, self.expert_noise, self.seed, i)

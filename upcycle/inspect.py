@@ -1,0 +1,120 @@
+"""Describe a checkpoint from its config and safetensors headers (no weights are read)."""
+
+from __future__ import annotations
+
+import re
+
+from upcycle.arch.families import FAMILIES, MOE_FAMILIES
+from upcycle.arch.targets import TARGETS
+from upcycle.converters.base import METHODS
+from upcycle.errors import UpcycleError
+from upcycle.io.checkpoint import Checkpoint
+
+_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.")
+
+
+def inspect_model(path: str) -> dict:
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    info: dict = {
+        "path": ckpt.path,
+        "family": ckpt.model_type,
+        "architecture": (cfg.get("architectures") or [None])[0],
+        "layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+        "intermediate_size": cfg.get("intermediate_size"),
+        "dtype": str(ckpt.dtype).removeprefix("torch."),
+        "tensors": len(ckpt.keys()),
+        "params_total": ckpt.num_params(),
+    }
+    if ckpt.model_type in MOE_FAMILIES or any(_EXPERT.match(k) for k in ckpt.keys()):
+        info.update(_moe_info(ckpt))
+    else:
+        info["params_active"] = info["params_total"]
+        info.update(_dense_options(ckpt))
+    return info
+
+
+def _moe_info(ckpt: Checkpoint) -> dict:
+    cfg = ckpt.config
+    fam = MOE_FAMILIES.get(ckpt.model_type)
+    top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_top_k") or 1
+    per_layer: dict[str, dict[int, int]] = {}  # block prefix -> expert -> params
+    for name, info in ckpt.infos.items():
+        m = _EXPERT.match(name)
+        if m:
+            n = 1
+            for s in info.shape:
+                n *= s
+            experts = per_layer.setdefault(m.group(1), {})
+            experts[int(m.group(2))] = experts.get(int(m.group(2)), 0) + n
+    inactive = 0
+    for experts in per_layer.values():
+        sizes = sorted(experts.values(), reverse=True)
+        inactive += sum(sizes[top_k:])  # upper bound on active: the k largest experts
+    shared = cfg.get(fam.shared_width_key) if fam and fam.shared_width_key else None
+    out = {
+        "moe": True,
+        "moe_layers": len(per_layer),
+        "experts": cfg.get(fam.experts_key) if fam else max((len(e) for e in per_layer.values()), default=0),
+        "top_k": top_k,
+        "expert_width": cfg.get(fam.expert_width_key) if fam else None,
+        "shared_expert_width": shared or 0,
+        "params_active": ckpt.num_params() - inactive,
+        "methods": [],
+        "targets": [],
+    }
+    if "num_experts" in cfg and "num_local_experts" in cfg and cfg["num_experts"] != cfg["num_local_experts"]:
+        out["warning"] = "config disagrees with itself: num_experts != num_local_experts"
+    return out
+
+
+def _dense_options(ckpt: Checkpoint) -> dict:
+    from upcycle.convert import _check_inventory, _check_target
+
+    family = FAMILIES.get(ckpt.model_type)
+    out: dict = {"moe": False, "methods": [], "targets": []}
+    if family is None:
+        out["note"] = f"unsupported family {ckpt.model_type}"
+        return out
+    if family.target is None:
+        out["note"] = family.why_no_target
+        return out
+    try:
+        layers = _check_inventory(ckpt, family, ckpt.config)
+    except UpcycleError as e:
+        out["note"] = str(e)
+        return out
+    out["methods"] = sorted(METHODS)
+    for name, target in TARGETS.items():
+        try:
+            _check_target(family, target, layers, ckpt.config)
+            out["targets"].append(name + (" (default)" if name == family.target else ""))
+        except UpcycleError:
+            continue
+    return out
+
+
+def format_info(info: dict) -> str:
+    def human(n):
+        return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+    lines = [
+        f"{info['path']}",
+        f"  family        {info['family']} ({info['architecture']})",
+        f"  layers        {info['layers']}, hidden {info['hidden_size']}, FFN {info['intermediate_size']}",
+        f"  params        {human(info['params_total'])} total, {human(info['params_active'])} active per token",
+        f"  dtype         {info['dtype']}",
+    ]
+    if info.get("moe"):
+        lines.append(
+            f"  experts       {info['experts']} per MoE layer ({info['moe_layers']} MoE layers), "
+            f"top-{info['top_k']}, width {info['expert_width']}, shared width {info['shared_expert_width']}"
+        )
+    else:
+        lines.append(f"  methods       {', '.join(info['methods']) or '-'}")
+        lines.append(f"  targets       {', '.join(info['targets']) or '-'}")
+    for key in ("note", "warning"):
+        if info.get(key):
+            lines.append(f"  {key:<13} {info[key]}")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Read and write safetensors files without mmap and without holding whole files in memory.
+
+Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, then
+N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``
+(padded with spaces to a multiple of 8), then the raw little-endian tensor bytes.
+
+Reading with plain ``readinto`` (no mmap) keeps the pages of a multi-GB shard out of the
+process's resident set; writing a header computed from the plan lets tensors stream to disk
+one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from upcycle.errors import InputError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def nbytes_of(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= s
+    return n
+
+
+def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header; raise InputError on any inconsistency."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise InputError(f"{path}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise InputError(f"{path}: corrupted safetensors header (length {n}, file {size} bytes)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{path}: corrupted safetensors header (not JSON)") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupted safetensors header")
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: corrupted entry for tensor {name!r}") from None
+        if end - begin != nbytes_of(dtype, shape) or begin < 0:
+            raise InputError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
+        if base + end > size:
+            raise InputError(f"{path}: truncated (tensor {name!r} ends past the end of the file)")
+        infos[name] = TensorInfo(name, dtype, shape, base + begin, base + end)
+    return infos, meta
+
+
+def read_tensor(path: str, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor into fresh memory (no mmap)."""
+    buf = bytearray(info.nbytes)
+    with open(path, "rb") as f:
+        f.seek(info.begin)
+        got = f.readinto(buf)
+    if got != info.nbytes:
+        raise InputError(f"{path}: truncated while reading {info.name!r}")
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (no copy when already contiguous)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class StreamingFile:
+    """A safetensors file whose header is fixed up front; tensors are appended in header order."""
+
+    def __init__(self, path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = path
+        self._order = [name for name, _, _ in entries]
+        self._expect: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, dtype, shape in entries:
+            nb = nbytes_of(dtype, shape)
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nb]}
+            self._expect[name] = (dtype, tuple(shape))
+            offset += nb
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+        self._next = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            want = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise RuntimeError(f"writer expected {want}, got {name}")
+        dtype, shape = self._expect[name]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise RuntimeError(f"{name}: planned {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+        self._f.write(tensor_bytes(t))
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._order)
+
+    def close(self, sync: bool = True) -> None:
+        if self._f.closed:
+            return
+        if sync and self.complete:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        self._f.close()
