@@ -25,9 +25,14 @@ FAMILY_CONFIGS = {
     "llama": dict(tie_word_embeddings=True),
     "llama-untied-rope3": dict(
         tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 32},
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     ),
     "mistral": dict(sliding_window=8, tie_word_embeddings=False),
     "qwen2": dict(tie_word_embeddings=False),
@@ -66,7 +71,9 @@ def save_tiny_tokenizer(path: str, vocab_size: int) -> None:
     words[3:13] = ["the", "cat", "sat", "on", "mat", "code", "python", "def", "return", "import"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     fast.save_pretrained(path)
 
 
@@ -119,7 +126,9 @@ def logits(path: str, ids: torch.Tensor) -> torch.Tensor:
 
 def python_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")]
+    )
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -24,20 +24,33 @@ def test_missing_path(cli, tmp_path):
 
 def test_not_a_model_directory(cli, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(cli("convert", str(tmp_path / "empty"), str(tmp_path / "o")), "no config.json")
+    assert_one_line_error(
+        cli("convert", str(tmp_path / "empty"), str(tmp_path / "o")), "no config.json"
+    )
     (tmp_path / "f.txt").write_text("x")
     assert_one_line_error(cli("inspect", str(tmp_path / "f.txt")), "not a model directory")
 
 
 def test_unsupported_family(cli, tmp_path):
-    src = save_tiny(str(tmp_path / "g"), "gemma2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128)
-    assert_one_line_error(cli("convert", src, str(tmp_path / "o")), "unsupported family gemma2", "supported: llama")
+    src = save_tiny(
+        str(tmp_path / "g"),
+        "gemma2",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+    )
+    assert_one_line_error(
+        cli("convert", src, str(tmp_path / "o")), "unsupported family gemma2", "supported: llama"
+    )
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"wte.weight": torch.zeros(4, 4)}, str(gpt2 / "model.safetensors"))
     assert_one_line_error(cli("convert", str(gpt2), str(tmp_path / "o")), "unsupported family gpt2")
@@ -60,22 +73,25 @@ def test_ffn_without_gate(cli, tiny, tmp_path):
     assert_one_line_error(cli("convert", src, str(tmp_path / "o")), "no gate projection")
 
 
-@pytest.mark.parametrize("args,words", [
-    (["-E", "4", "-k", "5"], ["--top-k must be between 1 and --num-experts"]),
-    (["-E", "1", "-k", "1"], ["--num-experts must be at least 2"]),
-    (["-k", "0"], ["--top-k"]),
-    (["--router-init", "magic"], ["unknown --router-init"]),
-    (["--method", "nope"], ["unknown --method"]),
-    (["--target", "nope"], ["unknown --target"]),
-    (["--target", "qwen3_moe"], ["would not be exact", "q_norm"]),
-    (["--moe-layers", "0"], ["mixtral makes every layer an MoE layer"]),
-    (["--moe-layers", "7", "--target", "qwen2_moe"], ["layer 7 does not exist"]),
-    (["--dtype", "int3"], ["unknown --dtype"]),
-    (["--max-shard-size", "lots"], ["--max-shard-size"]),
-    (["--router-init", "hidden"], ["one --expert-prompts per expert"]),
-    (["--num-experts", "x"], ["'x' is not a valid integer"]),
-    (["--no-such-option"], ["--no-such-option"]),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["-E", "4", "-k", "5"], ["--top-k must be between 1 and --num-experts"]),
+        (["-E", "1", "-k", "1"], ["--num-experts must be at least 2"]),
+        (["-k", "0"], ["--top-k"]),
+        (["--router-init", "magic"], ["unknown --router-init"]),
+        (["--method", "nope"], ["unknown --method"]),
+        (["--target", "nope"], ["unknown --target"]),
+        (["--target", "qwen3_moe"], ["would not be exact", "q_norm"]),
+        (["--moe-layers", "0"], ["mixtral makes every layer an MoE layer"]),
+        (["--moe-layers", "7", "--target", "qwen2_moe"], ["layer 7 does not exist"]),
+        (["--dtype", "int3"], ["unknown --dtype"]),
+        (["--max-shard-size", "lots"], ["--max-shard-size"]),
+        (["--router-init", "hidden"], ["one --expert-prompts per expert"]),
+        (["--num-experts", "x"], ["'x' is not a valid integer"]),
+        (["--no-such-option"], ["--no-such-option"]),
+    ],
+)
 def test_bad_options(cli, tiny, tmp_path, args, words):
     out = tmp_path / "o"
     assert_one_line_error(cli("convert", tiny("llama"), str(out), *args), *words)
@@ -83,8 +99,11 @@ def test_bad_options(cli, tiny, tmp_path, args, words):
 
 
 def test_qwen2_to_mixtral_is_refused(cli, tiny, tmp_path):
-    assert_one_line_error(cli("convert", tiny("qwen2"), str(tmp_path / "o"), "--target", "mixtral"),
-                          "would not be exact", "bias")
+    assert_one_line_error(
+        cli("convert", tiny("qwen2"), str(tmp_path / "o"), "--target", "mixtral"),
+        "would not be exact",
+        "bias",
+    )
 
 
 def test_out_exists_and_not_empty(cli, tiny, tmp_path):
@@ -126,7 +145,13 @@ def test_corrupted_safetensors(cli, tiny, tmp_path):
 def test_missing_shard(cli, tiny, tmp_path):
     src = tiny("llama")
     with open(os.path.join(src, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}, f)
+        json.dump(
+            {
+                "metadata": {},
+                "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"},
+            },
+            f,
+        )
     assert_one_line_error(cli("convert", src, str(tmp_path / "o")), "missing")
 
 
@@ -145,6 +170,11 @@ def test_config_disagrees_with_weights(cli, tiny, tmp_path):
 def test_bad_yaml_config(cli, tiny, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("num_experts: 4\nbogus: 1\n")
-    assert_one_line_error(cli("convert", tiny("llama"), str(tmp_path / "o"), "--config", str(cfg)), "unknown option 'bogus'")
+    assert_one_line_error(
+        cli("convert", tiny("llama"), str(tmp_path / "o"), "--config", str(cfg)),
+        "unknown option 'bogus'",
+    )
     cfg.write_text("num_experts: [4\n")
-    assert_one_line_error(cli("convert", tiny("llama"), str(tmp_path / "o"), "--config", str(cfg)), "not valid YAML")
+    assert_one_line_error(
+        cli("convert", tiny("llama"), str(tmp_path / "o"), "--config", str(cfg)), "not valid YAML"
+    )

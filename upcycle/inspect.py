@@ -56,7 +56,9 @@ def _moe_info(ckpt: Checkpoint) -> dict:
     out = {
         "moe": True,
         "moe_layers": len(per_layer),
-        "experts": cfg.get(fam.experts_key) if fam else max((len(e) for e in per_layer.values()), default=0),
+        "experts": cfg.get(fam.experts_key)
+        if fam
+        else max((len(e) for e in per_layer.values()), default=0),
         "top_k": top_k,
         "expert_width": cfg.get(fam.expert_width_key) if fam else None,
         "shared_expert_width": shared or 0,
@@ -64,7 +66,11 @@ def _moe_info(ckpt: Checkpoint) -> dict:
         "methods": [],
         "targets": [],
     }
-    if "num_experts" in cfg and "num_local_experts" in cfg and cfg["num_experts"] != cfg["num_local_experts"]:
+    if (
+        "num_experts" in cfg
+        and "num_local_experts" in cfg
+        and cfg["num_experts"] != cfg["num_local_experts"]
+    ):
         out["warning"] = "config disagrees with itself: num_experts != num_local_experts"
     return out
 

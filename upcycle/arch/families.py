@@ -43,7 +43,9 @@ class DenseFamily:
 _QKVO = tuple(f"self_attn.{p}_proj.weight" for p in "qkvo")
 _QKV_BIAS = tuple(f"self_attn.{p}_proj.bias" for p in "qkv")
 _LLAMA_BIAS = _QKV_BIAS + ("self_attn.o_proj.bias",)
-_GLU = FFNSpec("glu", gate="mlp.gate_proj.weight", up="mlp.up_proj.weight", down="mlp.down_proj.weight")
+_GLU = FFNSpec(
+    "glu", gate="mlp.gate_proj.weight", up="mlp.up_proj.weight", down="mlp.down_proj.weight"
+)
 _GLU_BIAS = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
 
 FAMILIES: dict[str, DenseFamily] = {
@@ -87,7 +89,9 @@ FAMILIES: dict[str, DenseFamily] = {
         ),
         DenseFamily(
             "phi3",
-            FFNSpec("fused_glu", gate=None, up="mlp.gate_up_proj.weight", down="mlp.down_proj.weight"),
+            FFNSpec(
+                "fused_glu", gate=None, up="mlp.gate_up_proj.weight", down="mlp.down_proj.weight"
+            ),
             ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight"),
             why_no_target="transformers' PhiMoE differs from Phi-3 (LayerNorm with bias, "
             "attention biases, sparse-mixer routing), so no stock MoE class reproduces it",
@@ -111,8 +115,12 @@ MOE_FAMILIES: dict[str, MoEFamily] = {
     f.model_type: f
     for f in [
         MoEFamily("mixtral", "num_local_experts"),
-        MoEFamily("qwen2_moe", "num_experts", expert_width_key="moe_intermediate_size",
-                  shared_width_key="shared_expert_intermediate_size"),
+        MoEFamily(
+            "qwen2_moe",
+            "num_experts",
+            expert_width_key="moe_intermediate_size",
+            shared_width_key="shared_expert_intermediate_size",
+        ),
         MoEFamily("qwen3_moe", "num_experts", expert_width_key="moe_intermediate_size"),
         MoEFamily("olmoe", "num_experts"),
         MoEFamily("phimoe", "num_local_experts"),

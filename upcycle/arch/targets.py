@@ -42,7 +42,9 @@ class MoETarget:
     attention: tuple[str, ...]  # attention/norm tensors it always has
     attention_optional: tuple[str, ...] = ()  # accepted when the source has them
     zero_fill: tuple[str, ...] = ()  # always present in the target; zeros if the source lacks them
-    dense_mlp: str | None = None  # per-layer dense FFN (formatted with p) where layers may stay dense
+    dense_mlp: str | None = (
+        None  # per-layer dense FFN (formatted with p) where layers may stay dense
+    )
     shared: str | None = None  # shared-expert FFN (formatted with p)
     shared_gate: str | None = None
     carry: tuple[str, ...] = ()  # extra config fields copied from the source when present
@@ -109,8 +111,13 @@ TARGETS: dict[str, MoETarget] = {
             attention=_QKVO + _NORMS + ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
             attention_optional=_QKV_BIAS + ("self_attn.o_proj.bias",),
             dense_mlp="mlp.{p}.weight",
-            carry=("attention_bias", "use_sliding_window", "sliding_window", "max_window_layers",
-                   "layer_types"),
+            carry=(
+                "attention_bias",
+                "use_sliding_window",
+                "sliding_window",
+                "max_window_layers",
+                "layer_types",
+            ),
             normalizes_top_k="norm_topk_prob",
             dense_width_key="intermediate_size",
             fixed=(("decoder_sparse_step", 1),),

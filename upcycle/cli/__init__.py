@@ -42,8 +42,12 @@ def _load_yaml_config(ctx: click.Context, _param, path: str | None):
 
 
 config_option = click.option(
-    "--config", type=click.Path(dir_okay=False), callback=_load_yaml_config, is_eager=True,
-    expose_value=False, help="YAML file of options (command-line options override it).",
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_yaml_config,
+    is_eager=True,
+    expose_value=False,
+    help="YAML file of options (command-line options override it).",
 )
 
 
@@ -83,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        click.echo(f"error: {type(e).__name__}: {msg} (UPCYCLE_DEBUG=1 shows the traceback)", err=True)
+        click.echo(
+            f"error: {type(e).__name__}: {msg} (UPCYCLE_DEBUG=1 shows the traceback)", err=True
+        )
         code = 1
     sys.exit(code)
 

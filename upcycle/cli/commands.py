@@ -40,28 +40,64 @@ def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
 @click.argument("out")
 @config_option
 @click.option("--method", default="copy", show_default=True, help="Conversion method (copy).")
-@click.option("--num-experts", "-E", type=int, default=8, show_default=True, help="Experts per MoE layer.")
-@click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts each token uses.")
-@click.option("--target", default=None, help="MoE architecture: mixtral, qwen2_moe, qwen3_moe (default: per family).")
+@click.option(
+    "--num-experts", "-E", type=int, default=8, show_default=True, help="Experts per MoE layer."
+)
+@click.option(
+    "--top-k", "-k", type=int, default=2, show_default=True, help="Experts each token uses."
+)
+@click.option(
+    "--target",
+    default=None,
+    help="MoE architecture: mixtral, qwen2_moe, qwen3_moe (default: per family).",
+)
 @click.option("--router-init", default="random", show_default=True, help="random, zeros or hidden.")
-@click.option("--router-std", type=float, default=0.02, show_default=True, help="Std of random router weights.")
-@click.option("--expert-prompts", multiple=True,
-              help="One per expert, for --router-init hidden: a prompt, or @FILE with one prompt per line.")
-@click.option("--expert-noise", type=float, default=0.0, show_default=True,
-              help="Relative Gaussian noise added to each expert copy (breaks exactness).")
-@click.option("--moe-layers", default="all", show_default=True,
-              help="Layers that become MoE (all, 0-11, 0,2,4); others stay dense where the target allows.")
-@click.option("--router-aux-loss-coef", type=float, default=0.001, show_default=True,
-              help="Load-balancing loss coefficient written to the config.")
+@click.option(
+    "--router-std",
+    type=float,
+    default=0.02,
+    show_default=True,
+    help="Std of random router weights.",
+)
+@click.option(
+    "--expert-prompts",
+    multiple=True,
+    help="One per expert, for --router-init hidden: a prompt, or @FILE with one prompt per line.",
+)
+@click.option(
+    "--expert-noise",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Relative Gaussian noise added to each expert copy (breaks exactness).",
+)
+@click.option(
+    "--moe-layers",
+    default="all",
+    show_default=True,
+    help="Layers that become MoE (all, 0-11, 0,2,4); others stay dense where the target allows.",
+)
+@click.option(
+    "--router-aux-loss-coef",
+    type=float,
+    default=0.001,
+    show_default=True,
+    help="Load-balancing loss coefficient written to the config.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", default="source", show_default=True, help="source, float32, bfloat16 or float16.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 2GB).")
+@click.option(
+    "--dtype", default="source", show_default=True, help="source, float32, bfloat16 or float16."
+)
+@click.option(
+    "--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 2GB)."
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def convert(model, out, force, dry_run, quiet, expert_prompts, **options):
     """Convert the dense MODEL into a Mixture-of-Experts checkpoint in OUT."""
-    from upcycle.convert import ConvertOptions, convert as run_convert, plan_conversion
+    from upcycle.convert import ConvertOptions, plan_conversion
+    from upcycle.convert import convert as run_convert
     from upcycle.io.default_model import resolve_model
     from upcycle.io.writer import check_output_dir
 

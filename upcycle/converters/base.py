@@ -26,7 +26,9 @@ class MoELayout:
 @dataclass
 class MoELayer:
     router: torch.Tensor  # (E, H)
-    experts: list[dict[str, torch.Tensor]]  # E x {"gate": (I_e, H), "up": (I_e, H), "down": (H, I_e)}
+    experts: list[
+        dict[str, torch.Tensor]
+    ]  # E x {"gate": (I_e, H), "up": (I_e, H), "down": (H, I_e)}
     shared: dict[str, torch.Tensor] | None = None  # {"gate","up","down"} of the shared expert
     shared_gate: torch.Tensor | None = None  # (1, H), qwen2_moe's sigmoid gate
 
@@ -50,4 +52,6 @@ def register(info: MethodInfo) -> MethodInfo:
 
 def layer_generator(seed: int, layer: int, salt: int) -> torch.Generator:
     """A generator whose stream depends only on (seed, layer, salt): order-independent output."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + layer * 7_919 + salt * 104_729) % (2**63))
+    return torch.Generator().manual_seed(
+        (seed * 1_000_003 + layer * 7_919 + salt * 104_729) % (2**63)
+    )

@@ -31,7 +31,11 @@ INFO = register(
 
 
 def copy_experts(
-    ffn: dict[str, torch.Tensor], num_experts: int, noise: float = 0.0, seed: int = 0, layer: int = 0
+    ffn: dict[str, torch.Tensor],
+    num_experts: int,
+    noise: float = 0.0,
+    seed: int = 0,
+    layer: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     """E experts from one FFN {"gate": (I, H), "up": (I, H), "down": (H, I)}.
 
@@ -53,7 +57,12 @@ def copy_experts(
 
 
 def copy_layer(
-    ffn: dict[str, torch.Tensor], router: torch.Tensor, num_experts: int, noise: float, seed: int, layer: int
+    ffn: dict[str, torch.Tensor],
+    router: torch.Tensor,
+    num_experts: int,
+    noise: float,
+    seed: int,
+    layer: int,
 ) -> MoELayer:
     return MoELayer(router=router, experts=copy_experts(ffn, num_experts, noise, seed, layer))
 
@@ -63,9 +72,17 @@ class CopyMethod:
 
     info = INFO
 
-    def __init__(self, *, num_experts: int, top_k: int, router_init: str = "random",
-                 router_std: float = 0.02, expert_noise: float = 0.0, seed: int = 0,
-                 expert_prompts: tuple[tuple[str, ...], ...] = ()):
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        top_k: int,
+        router_init: str = "random",
+        router_std: float = 0.02,
+        expert_noise: float = 0.0,
+        seed: int = 0,
+        expert_prompts: tuple[tuple[str, ...], ...] = (),
+    ):
         self.num_experts = num_experts
         self.top_k = top_k
         self.router_init = router_init
@@ -81,9 +98,13 @@ class CopyMethod:
         if self.num_experts < 2:
             raise OptionError(f"--num-experts must be at least 2, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise OptionError(f"--top-k must be between 1 and --num-experts ({self.num_experts}), got {self.top_k}")
+            raise OptionError(
+                f"--top-k must be between 1 and --num-experts ({self.num_experts}), got {self.top_k}"
+            )
         if self.router_init not in ROUTER_INITS:
-            raise OptionError(f"unknown --router-init {self.router_init!r}; choose from {', '.join(ROUTER_INITS)}")
+            raise OptionError(
+                f"unknown --router-init {self.router_init!r}; choose from {', '.join(ROUTER_INITS)}"
+            )
         if self.router_std < 0 or self.expert_noise < 0:
             raise OptionError("--router-std and --expert-noise must not be negative")
         if self.router_init == "hidden":
@@ -102,8 +123,12 @@ class CopyMethod:
 
     def prepare(self, source_dir: str, moe_layers: list[int], log) -> None:
         if self.router_init == "hidden":
-            log(f"computing hidden-state routers from {sum(map(len, self.expert_prompts))} prompts ...")
-            means = hidden_state_means(source_dir, [list(p) for p in self.expert_prompts], moe_layers)
+            log(
+                f"computing hidden-state routers from {sum(map(len, self.expert_prompts))} prompts ..."
+            )
+            means = hidden_state_means(
+                source_dir, [list(p) for p in self.expert_prompts], moe_layers
+            )
             self._hidden = {i: hidden_state_rows(m) for i, m in means.items()}
 
     def router(self, layer: int, hidden: int) -> torch.Tensor:

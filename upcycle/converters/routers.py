@@ -32,7 +32,9 @@ def hidden_state_rows(means: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hidden_state_means(model_dir: str, prompt_sets: list[list[str]], layers: list[int]) -> dict[int, torch.Tensor]:
+def hidden_state_means(
+    model_dir: str, prompt_sets: list[list[str]], layers: list[int]
+) -> dict[int, torch.Tensor]:
     """Mean hidden state at each router's input (the output of post_attention_layernorm).
 
     Returns {layer: (E, H)} for the given prompt sets, one set per expert. The dense model runs
@@ -50,9 +52,12 @@ def hidden_state_means(model_dir: str, prompt_sets: list[list[str]], layers: lis
     def hook(i):
         def fn(_module, _inp, out):
             captured[i] = out.detach().reshape(-1, out.shape[-1]).sum(0)
+
         return fn
 
-    handles = [decoder_layers[i].post_attention_layernorm.register_forward_hook(hook(i)) for i in layers]
+    handles = [
+        decoder_layers[i].post_attention_layernorm.register_forward_hook(hook(i)) for i in layers
+    ]
     try:
         for e, prompts in enumerate(prompt_sets):
             count = 0
@@ -66,7 +71,9 @@ def hidden_state_means(model_dir: str, prompt_sets: list[list[str]], layers: lis
                 for i in layers:
                     acc[i] += captured[i]
             for i in layers:
-                sums.setdefault(i, torch.zeros(len(prompt_sets), model.config.hidden_size))[e] = acc[i] / max(count, 1)
+                sums.setdefault(i, torch.zeros(len(prompt_sets), model.config.hidden_size))[e] = (
+                    acc[i] / max(count, 1)
+                )
     finally:
         for h in handles:
             h.remove()

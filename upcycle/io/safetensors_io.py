@@ -67,7 +67,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise InputError(f"{path}: truncated safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", raw)
             if n > _MAX_HEADER or 8 + n > size:
-                raise InputError(f"{path}: corrupted safetensors header (length {n}, file {size} bytes)")
+                raise InputError(
+                    f"{path}: corrupted safetensors header (length {n}, file {size} bytes)"
+                )
             header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InputError(f"{path}: corrupted safetensors header (not JSON)") from None
@@ -86,7 +88,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{path}: corrupted entry for tensor {name!r}") from None
         if end - begin != nbytes_of(dtype, shape) or begin < 0:
-            raise InputError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
+            raise InputError(
+                f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}"
+            )
         if base + end > size:
             raise InputError(f"{path}: truncated (tensor {name!r} ends past the end of the file)")
         infos[name] = TensorInfo(name, dtype, shape, base + begin, base + end)
@@ -117,8 +121,12 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 class StreamingFile:
     """A safetensors file whose header is fixed up front; tensors are appended in header order."""
 
-    def __init__(self, path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str,
+        entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
         self.path = path
         self._order = [name for name, _, _ in entries]
         self._expect: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -126,8 +134,11 @@ class StreamingFile:
         offset = 0
         for name, dtype, shape in entries:
             nb = nbytes_of(dtype, shape)
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nb]}
+            header[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nb],
+            }
             self._expect[name] = (dtype, tuple(shape))
             offset += nb
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -143,7 +154,9 @@ class StreamingFile:
             raise RuntimeError(f"writer expected {want}, got {name}")
         dtype, shape = self._expect[name]
         if t.dtype != dtype or tuple(t.shape) != shape:
-            raise RuntimeError(f"{name}: planned {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+            raise RuntimeError(
+                f"{name}: planned {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}"
+            )
         self._f.write(tensor_bytes(t))
         self._next += 1
 

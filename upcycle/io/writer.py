@@ -28,14 +28,19 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
-             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            num = s[: -len(unit)]
-            break
-    else:
-        num, mult = s, 1
+    units = {
+        "KIB": 1 << 10,
+        "MIB": 1 << 20,
+        "GIB": 1 << 30,
+        "TIB": 1 << 40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
+    unit = next((u for u in units if s.endswith(u)), None)
+    num, mult = (s[: -len(unit)], units[unit]) if unit else (s, 1)
     try:
         value = int(float(num) * mult)
     except ValueError:
@@ -93,9 +98,13 @@ class ShardedWriter:
             raise RuntimeError("writer finished before every planned tensor was written")
         self._file.close()
         if len(self.shards) > 1:
-            weight_map = {name: self.names[i] for i, shard in enumerate(self.shards) for name, _, _ in shard}
-            index = {"metadata": {"total_size": self.total_size},
-                     "weight_map": dict(sorted(weight_map.items()))}
+            weight_map = {
+                name: self.names[i] for i, shard in enumerate(self.shards) for name, _, _ in shard
+            }
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
             with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
                 f.write("\n")
@@ -145,7 +154,9 @@ def atomic_output_dir(out: str, force: bool = False) -> Iterator[str]:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in _NO_SPACE:
-            raise OutputError(f"{out}: no space left on the device while writing; nothing was kept") from None
+            raise OutputError(
+                f"{out}: no space left on the device while writing; nothing was kept"
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
