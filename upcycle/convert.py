@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from upcycle import __version__
+from upcycle.arch.config import source_config, target_config
 from upcycle.arch.families import FAMILIES, MOE_FAMILIES, DenseFamily, supported_families
 from upcycle.arch.shapes import expected_shapes
-from upcycle.arch.targets import TARGETS, MoETarget, common_config_fields
+from upcycle.arch.targets import TARGETS, MoETarget
 from upcycle.converters.base import MoELayer, MoELayout
 from upcycle.converters.copy import CopyMethod
 from upcycle.errors import InputError, OptionError, UnsupportedError
@@ -296,49 +297,12 @@ def _check_target(
     return [rel for rel in target.zero_fill if rel not in present]
 
 
-def _target_config(
-    src_cfg: dict,
-    target: MoETarget,
-    layout: MoELayout,
-    moe_layers: list[int],
-    opts: ConvertOptions,
-    dtype: torch.dtype,
-) -> dict:
-    cfg = {k: src_cfg[k] for k in common_config_fields() if src_cfg.get(k) is not None}
-    cfg.update({k: src_cfg[k] for k in target.carry if k in src_cfg})
-    cfg.update(dict(target.fixed))
-    for key in target.experts_keys:
-        cfg[key] = layout.num_experts
-    cfg["num_experts_per_tok"] = layout.top_k
-    cfg[target.expert_width_key] = layout.expert_width
-    if target.dense_width_key:
-        cfg[target.dense_width_key] = src_cfg["intermediate_size"]
-        cfg["mlp_only_layers"] = [
-            i for i in range(src_cfg["num_hidden_layers"]) if i not in moe_layers
-        ]
-    if target.shared_width_key:
-        cfg[target.shared_width_key] = layout.shared_width
-    if target.normalizes_top_k:
-        cfg[target.normalizes_top_k] = layout.needs_top_k_normalization
-    cfg["router_aux_loss_coef"] = opts.router_aux_loss_coef
-    cfg["output_router_logits"] = False
-    cfg["model_type"] = target.model_type
-    cfg["architectures"] = [target.architecture]
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    return cfg
-
-
 def plan_conversion(source: str, opts: ConvertOptions) -> Plan:
     """Validate everything that can be checked without reading weights, and plan the output."""
     method = make_method(opts)
     ckpt = Checkpoint(source)
     family = _family_of(ckpt)
-    from transformers import AutoConfig
-
-    try:
-        src_cfg = AutoConfig.from_pretrained(ckpt.path).to_dict()
-    except Exception as e:  # transformers raises many kinds for bad configs
-        raise InputError(f"{ckpt.path}/config.json: {str(e).splitlines()[0]}") from None
+    src_cfg = source_config(family.model_type, ckpt.config)
     num_layers = src_cfg["num_hidden_layers"]
     layers = _check_inventory(ckpt, family, src_cfg)
     target_name = opts.target or family.target
@@ -367,7 +331,18 @@ def plan_conversion(source: str, opts: ConvertOptions) -> Plan:
 
     hidden, inter = src_cfg["hidden_size"], src_cfg["intermediate_size"]
     layout = method.layout(hidden, inter)
-    config = _target_config(src_cfg, target, layout, moe_layers, opts, dtype)
+    config = target_config(
+        src_cfg,
+        target,
+        num_experts=layout.num_experts,
+        top_k=layout.top_k,
+        expert_width=layout.expert_width,
+        shared_width=layout.shared_width,
+        normalize_top_k=layout.needs_top_k_normalization,
+        moe_layers=moe_layers,
+        router_aux_loss_coef=opts.router_aux_loss_coef,
+        dtype=str(dtype).removeprefix("torch."),
+    )
 
     entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
         (family.embed, dtype, ckpt.shape(family.embed))
@@ -495,9 +470,14 @@ def convert(
     *,
     force: bool = False,
     progress: bool = True,
+    fsync: bool = False,
     log=None,
 ) -> Summary:
-    """Convert the dense checkpoint at `source` into an MoE checkpoint at `out`."""
+    """Convert the dense checkpoint at `source` into an MoE checkpoint at `out`.
+
+    `fsync` flushes every file to disk before the final rename; without it the result is still
+    atomic against errors, Ctrl-C and full disks, but not against a power cut.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
     check_output_dir(out, force)
@@ -506,8 +486,8 @@ def convert(
     plan.method.prepare(plan.source, plan.moe_layers, log)
     from tqdm.auto import tqdm
 
-    with atomic_output_dir(out, force=force) as tmp:
-        writer = ShardedWriter(tmp, plan.entries, plan.max_shard_bytes)
+    with atomic_output_dir(out, force=force, fsync=fsync) as tmp:
+        writer = ShardedWriter(tmp, plan.entries, plan.max_shard_bytes, fsync=fsync)
         order = iter(plan.entries)
         try:
 
@@ -547,7 +527,7 @@ def convert(
 
 def _write_metadata(plan: Plan, folder: str) -> None:
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(_full_config(plan.config), f, indent=2, sort_keys=True)
+        json.dump(plan.config, f, indent=2)
         f.write("\n")
     for name in AUX_FILES:
         src = os.path.join(plan.source, name)
@@ -572,17 +552,6 @@ def _write_metadata(plan: Plan, folder: str) -> None:
         f.write("\n")
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(_model_card(plan))
-
-
-def _full_config(cfg: dict) -> dict:
-    """The target config as transformers writes it (defaults filled in), plus our extra keys."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(**cfg)
-    full = config.to_dict()
-    for key, value in cfg.items():  # keys transformers renames (num_experts) stay for other readers
-        full.setdefault(key, value)
-    return full
 
 
 def _model_card(plan: Plan) -> str:

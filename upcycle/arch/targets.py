@@ -9,26 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Config fields every supported dense family shares with every target.
-_COMMON = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "rope_parameters",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "attention_dropout",
-    "initializer_range",
-)
-
 
 @dataclass(frozen=True)
 class MoETarget:
@@ -125,7 +105,3 @@ TARGETS: dict[str, MoETarget] = {
         ),
     ]
 }
-
-
-def common_config_fields() -> tuple[str, ...]:
-    return _COMMON

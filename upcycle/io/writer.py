@@ -73,8 +73,11 @@ def shard_names(n: int) -> list[str]:
 class ShardedWriter:
     """Writes planned tensors, in plan order, into sharded safetensors plus the index."""
 
-    def __init__(self, folder: str, entries: list[Entry], max_shard_bytes: int):
+    def __init__(
+        self, folder: str, entries: list[Entry], max_shard_bytes: int, fsync: bool = False
+    ):
         self.folder = folder
+        self.fsync = fsync
         self.shards = plan_shards(entries, max_shard_bytes)
         self.names = shard_names(len(self.shards))
         self.total_size = sum(nbytes_of(d, s) for _, d, s in entries)
@@ -83,7 +86,7 @@ class ShardedWriter:
 
     def _open_next(self) -> None:
         if self._file is not None:
-            self._file.close()
+            self._file.close(sync=self.fsync)
         self._shard += 1
         path = os.path.join(self.folder, self.names[self._shard])
         self._file = StreamingFile(path, self.shards[self._shard])
@@ -96,7 +99,7 @@ class ShardedWriter:
     def finish(self) -> None:
         if self._file is None or not self._file.complete or self._shard != len(self.shards) - 1:
             raise RuntimeError("writer finished before every planned tensor was written")
-        self._file.close()
+        self._file.close(sync=self.fsync)
         if len(self.shards) > 1:
             weight_map = {
                 name: self.names[i] for i, shard in enumerate(self.shards) for name, _, _ in shard
@@ -128,11 +131,13 @@ def check_output_dir(out: str, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str, force: bool = False) -> Iterator[str]:
+def atomic_output_dir(out: str, force: bool = False, fsync: bool = False) -> Iterator[str]:
     """Yield a temporary sibling folder; on success it replaces `out` in one rename.
 
     On any error, Ctrl-C or a full disk the temporary folder is removed and `out` is untouched,
-    so nothing that looks like a finished model is ever left behind.
+    so nothing that looks like a finished model is ever left behind. With `fsync` the folder's
+    entries are flushed before the rename as well (the files themselves are the writer's job),
+    so the result also survives a power cut.
     """
     check_output_dir(out, force)
     out = os.path.abspath(out)
@@ -142,7 +147,8 @@ def atomic_output_dir(out: str, force: bool = False) -> Iterator[str]:
     os.makedirs(tmp)
     try:
         yield tmp
-        _fsync_dir(tmp)
+        if fsync:
+            _fsync_dir(tmp)
         if os.path.isdir(out):
             old = os.path.join(parent, f".{base}.upcycle-old-{os.getpid()}")
             os.rename(out, old)
@@ -150,7 +156,8 @@ def atomic_output_dir(out: str, force: bool = False) -> Iterator[str]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-        _fsync_dir(parent)
+        if fsync:
+            _fsync_dir(parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in _NO_SPACE:

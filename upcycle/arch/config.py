@@ -1,0 +1,143 @@
+"""Config normalization without importing transformers (which costs seconds at start-up).
+
+`source_config` fills in what a dense config.json may leave out with the defaults of that
+family's transformers class, and normalizes rotary settings to transformers 5's
+``rope_parameters``. `target_config` writes the MoE config with the keys every reader needs:
+``rope_parameters`` for transformers 5 and ``rope_theta``/``rope_scaling`` for 4.x and vLLM.
+A test checks these defaults against the installed transformers classes.
+"""
+
+from __future__ import annotations
+
+from upcycle.arch.targets import MoETarget
+
+# Defaults of the transformers config classes (5.x), for keys a config.json may omit.
+_BASE = dict(
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    attention_dropout=0.0,
+    initializer_range=0.02,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+FAMILY_DEFAULTS: dict[str, dict] = {
+    "llama": {**_BASE, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
+    "mistral": {
+        **_BASE,
+        "max_position_embeddings": 131072,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "sliding_window": 4096,
+    },
+    "qwen2": {
+        **_BASE,
+        "max_position_embeddings": 32768,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": 28,
+    },
+    "qwen3": {
+        **_BASE,
+        "max_position_embeddings": 32768,
+        "head_dim": 128,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": 28,
+    },
+}
+
+# Keys every supported dense family shares with every target.
+COMMON = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_dropout",
+    "initializer_range",
+)
+
+
+def rope_parameters(raw: dict, default_theta: float) -> dict:
+    """transformers 5's rope_parameters from either the new or the legacy (4.x) keys."""
+    if isinstance(raw.get("rope_parameters"), dict):
+        rope = dict(raw["rope_parameters"])
+    elif isinstance(raw.get("rope_scaling"), dict):
+        rope = dict(raw["rope_scaling"])
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope["type"]
+    else:
+        rope = {"rope_type": "default"}
+    rope.setdefault("rope_type", "default")
+    rope.setdefault("rope_theta", float(raw.get("rope_theta", default_theta)))
+    return rope
+
+
+def source_config(model_type: str, raw: dict) -> dict:
+    """The effective config of a dense checkpoint: its config.json with class defaults filled in."""
+    defaults = FAMILY_DEFAULTS.get(model_type, _BASE)
+    cfg = {**defaults, **{k: v for k, v in raw.items() if v is not None or k not in defaults}}
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    if cfg.get("head_dim") is None:
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg["rope_parameters"] = rope_parameters(raw, defaults["rope_theta"])
+    return cfg
+
+
+def target_config(
+    src: dict,
+    target: MoETarget,
+    *,
+    num_experts: int,
+    top_k: int,
+    expert_width: int,
+    shared_width: int,
+    normalize_top_k: bool,
+    moe_layers: list[int],
+    router_aux_loss_coef: float,
+    dtype: str,
+) -> dict:
+    """The MoE config.json, as a plain dict with sorted keys."""
+    cfg = {k: src.get(k) for k in COMMON}
+    cfg.update({k: src[k] for k in target.carry if k in src})
+    cfg.update(dict(target.fixed))
+    for key in target.experts_keys:
+        cfg[key] = num_experts
+    cfg["num_experts_per_tok"] = top_k
+    cfg[target.expert_width_key] = expert_width
+    if target.dense_width_key:
+        cfg[target.dense_width_key] = src["intermediate_size"]
+        cfg["mlp_only_layers"] = [i for i in range(src["num_hidden_layers"]) if i not in moe_layers]
+    if target.shared_width_key:
+        cfg[target.shared_width_key] = shared_width
+    if target.normalizes_top_k:
+        cfg[target.normalizes_top_k] = normalize_top_k
+    rope = cfg["rope_parameters"]
+    cfg["rope_theta"] = rope["rope_theta"]  # transformers 4.x, vLLM, llama.cpp
+    if rope.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    cfg.update(
+        router_aux_loss_coef=router_aux_loss_coef,
+        output_router_logits=False,
+        use_cache=True,
+        model_type=target.model_type,
+        architectures=[target.architecture],
+        dtype=dtype,
+        torch_dtype=dtype,  # the 4.x name
+    )
+    return dict(sorted(cfg.items()))
