@@ -32,7 +32,19 @@ def test_sigint_leaves_nothing(tmp_path):
     src = _big_source(tmp_path)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [PY, "-m", "upcycle", "convert", src, str(out), "-E", "8"],
+        [
+            PY,
+            "-m",
+            "upcycle",
+            "convert",
+            src,
+            str(out),
+            "-E",
+            "8",
+            "--fsync",
+            "--max-shard-size",
+            "20MB",
+        ],
         env=python_env(),
         stderr=subprocess.PIPE,
         text=True,

@@ -72,3 +72,23 @@ def test_version_and_help(cli):
     assert cli("--version").out.startswith("upcycle, version")
     r = cli("convert", "--help")
     assert r.code == 0 and "--num-experts" in r.out
+
+
+def test_conversion_needs_neither_torch_nor_transformers(tiny, tmp_path):
+    """Copy upcycling is I/O: it must not pay torch's and transformers' import time."""
+    import subprocess
+
+    from conftest import PY, python_env
+
+    src, out = tiny("llama"), str(tmp_path / "o")
+    code = (
+        "import sys; from upcycle.cli import main\n"
+        "try:\n    main(['convert', sys.argv[1], sys.argv[2], '-q', '--expert-noise', '0.01'])\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [PY, "-c", code, src, out], env=python_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

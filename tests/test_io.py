@@ -3,12 +3,14 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from upcycle.errors import InputError
+from upcycle.io.arrays import from_torch, to_torch
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.io.safetensors_io import read_header, read_tensor
 from upcycle.io.writer import ShardedWriter, parse_size, plan_shards
@@ -25,12 +27,19 @@ def _tensors():
     }
 
 
+NAME = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+def _array(t):
+    return from_torch(t, NAME[t.dtype]) if t.dtype.is_floating_point else t.numpy()
+
+
 def test_written_shards_read_back_with_safetensors(tmp_path):
     ts = _tensors()
-    entries = [(k, v.dtype, tuple(v.shape)) for k, v in ts.items()]
+    entries = [(k, NAME[v.dtype], tuple(v.shape)) for k, v in ts.items()]
     w = ShardedWriter(str(tmp_path), entries, max_shard_bytes=64)
     for k, v in ts.items():
-        w.write(k, v)
+        w.write(k, _array(v))
     w.finish()
     index = json.load(open(tmp_path / "model.safetensors.index.json"))
     assert set(index["weight_map"]) == set(ts)
@@ -42,11 +51,13 @@ def test_written_shards_read_back_with_safetensors(tmp_path):
 
 
 def test_writer_refuses_out_of_plan(tmp_path):
-    w = ShardedWriter(str(tmp_path), [("a", torch.float32, (2,))], 1 << 20)
+    w = ShardedWriter(str(tmp_path), [("a", "F32", (2,))], 1 << 20)
     with pytest.raises(RuntimeError):
-        w.write("b", torch.zeros(2))
+        w.write("b", np.zeros(2, np.float32))
     with pytest.raises(RuntimeError):
-        w.write("a", torch.zeros(3))
+        w.write("a", np.zeros(3, np.float32))
+    with pytest.raises(RuntimeError):
+        w.write("a", np.zeros(2, np.float64))
 
 
 def test_reader_matches_safetensors(tmp_path):
@@ -55,7 +66,8 @@ def test_reader_matches_safetensors(tmp_path):
     save_file(ts, path)
     infos, meta = read_header(path)
     for name, t in ts.items():
-        assert torch.equal(read_tensor(path, infos[name]), t)
+        a = read_tensor(path, infos[name])
+        assert torch.equal(to_torch(a, infos[name].dtype), t)
 
 
 def test_reader_rejects_bad_offsets(tmp_path):
@@ -69,11 +81,11 @@ def test_reader_rejects_bad_offsets(tmp_path):
 
 
 def test_plan_shards_keeps_order_and_limit():
-    entries = [(str(i), torch.float32, (10,)) for i in range(10)]  # 40 bytes each
+    entries = [(str(i), "F32", (10,)) for i in range(10)]  # 40 bytes each
     shards = plan_shards(entries, 100)
     assert [len(s) for s in shards] == [2, 2, 2, 2, 2]
     assert [e for s in shards for e in s] == entries
-    assert len(plan_shards([("big", torch.float32, (1000,))], 10)) == 1
+    assert len(plan_shards([("big", "F32", (1000,))], 10)) == 1
 
 
 def test_parse_size():
@@ -97,5 +109,22 @@ def test_checkpoint_reads_sharded_models(tiny, tmp_path):
     ck = Checkpoint(sharded)
     state = model.state_dict()
     for k in ck.keys():
-        assert torch.equal(ck.get(k), state[k])
-    assert ck.dtype == torch.float32
+        assert torch.equal(ck.get_torch(k), state[k])
+    assert ck.dtype == "F32"
+
+
+@pytest.mark.parametrize(
+    "src,dst", [("F32", "BF16"), ("BF16", "F32"), ("F32", "F16"), ("F16", "BF16"), ("BF16", "F16")]
+)
+def test_casts_match_torch(src, dst):
+    from upcycle.io.arrays import cast
+
+    torch_of = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * torch.logspace(-8, 4, 4096)
+    x[:6] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.00390625, 1.01171875])  # ties
+    x = x.to(torch_of[src])
+    ours = to_torch(cast(from_torch(x, src), src, dst), dst)
+    assert torch.equal(ours, x.to(torch_of[dst]))
+    nan = to_torch(cast(from_torch(torch.tensor([float("nan")]), "F32"), "F32", dst), dst)
+    assert torch.isnan(nan).all()

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
+import numpy as np
 
 from upcycle import __version__
 from upcycle.arch.config import source_config, target_config
@@ -27,11 +27,10 @@ from upcycle.arch.targets import TARGETS, MoETarget
 from upcycle.converters.base import MoELayer, MoELayout
 from upcycle.converters.copy import CopyMethod
 from upcycle.errors import InputError, OptionError, UnsupportedError
+from upcycle.io.arrays import CONFIG_NAMES, NAMES, STORAGE, cast, nbytes_of
 from upcycle.io.checkpoint import Checkpoint
-from upcycle.io.safetensors_io import nbytes_of
 from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir, parse_size
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tokenizer and generation files copied verbatim from the source folder.
 AUX_FILES = (
     "tokenizer.json",
@@ -75,9 +74,9 @@ class Plan:
     layout: MoELayout
     moe_layers: list[int]
     num_layers: int
-    dtype: torch.dtype
+    dtype: str  # safetensors name of the output dtype (F32, BF16, F16)
     config: dict
-    entries: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    entries: list[tuple[str, str, tuple[int, ...]]]
     layer_tensors: list[list[str]]  # per layer: source names of the non-FFN tensors
     zero_fill: list[str]  # relative names written as zeros
     max_shard_bytes: int
@@ -122,7 +121,7 @@ class Plan:
             f"layers   {len(self.moe_layers)} MoE, {dense} dense",
             f"params   {_human(self.total_params)} total, {_human(self.active_params)} active per token",
             f"output   {out + ': ' if out else ''}{_bytes(self.total_bytes)} in {self.num_shards} shard(s), "
-            f"{str(self.dtype).removeprefix('torch.')}",
+            f"{CONFIG_NAMES[self.dtype]}",
         ]
         return "\n".join(lines)
 
@@ -318,12 +317,10 @@ def plan_conversion(source: str, opts: ConvertOptions) -> Plan:
         )
     if opts.dtype == "source":
         dtype = ckpt.dtype
-    elif opts.dtype in DTYPES:
-        dtype = DTYPES[opts.dtype]
+    elif opts.dtype in NAMES:
+        dtype = NAMES[opts.dtype]
     else:
-        raise OptionError(
-            f"unknown --dtype {opts.dtype!r}; choose from source, {', '.join(DTYPES)}"
-        )
+        raise OptionError(f"unknown --dtype {opts.dtype!r}; choose from source, {', '.join(NAMES)}")
     try:
         max_shard = parse_size(opts.max_shard_size)
     except ValueError as e:
@@ -341,10 +338,10 @@ def plan_conversion(source: str, opts: ConvertOptions) -> Plan:
         normalize_top_k=layout.needs_top_k_normalization,
         moe_layers=moe_layers,
         router_aux_loss_coef=opts.router_aux_loss_coef,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=CONFIG_NAMES[dtype],
     )
 
-    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
+    entries: list[tuple[str, str, tuple[int, ...]]] = [
         (family.embed, dtype, ckpt.shape(family.embed))
     ]
     for i in range(num_layers):
@@ -409,39 +406,43 @@ def _moe_shapes(
     return out
 
 
-def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
+def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, np.ndarray]:
     fam, tgt, dtype = plan.family, plan.target, plan.dtype
     prefix = fam.layer_prefix.format(i=i)
     roles = {"gate": fam.ffn.gate, "up": fam.ffn.up, "down": fam.ffn.down}
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, np.ndarray] = {}
     for name in plan.layer_tensors[i]:
         if name[len(prefix) :] not in roles.values():
             out[name] = ckpt.get(name, dtype)
     for rel in plan.zero_fill:
-        out[prefix + rel] = torch.zeros(
-            ckpt.shape(prefix + rel.replace(".bias", ".weight"))[:1], dtype=dtype
+        out[prefix + rel] = np.zeros(
+            ckpt.shape(prefix + rel.replace(".bias", ".weight"))[:1], dtype=STORAGE[dtype]
         )
     ffn = {role: ckpt.get(prefix + rel, dtype) for role, rel in roles.items()}
     if i not in plan.moe_layers:
         for role, t in ffn.items():
             out[prefix + tgt.dense_mlp.format(p=tgt.proj[role])] = t
         return out
-    layer: MoELayer = plan.method.layer(i, ffn)
-    out[prefix + tgt.router] = layer.router.to(dtype)
+    layer: MoELayer = plan.method.layer(i, ffn, dtype)
+    out[prefix + tgt.router] = cast(layer.router, "F32", dtype)
     for e, expert in enumerate(layer.experts):
         for role, t in expert.items():
-            out[prefix + tgt.expert_name(e, role)] = t.to(dtype)
+            out[prefix + tgt.expert_name(e, role)] = t
     if tgt.shared:
         hidden = ffn["down"].shape[0]
         shared = layer.shared or {
-            "gate": torch.zeros(0, hidden),
-            "up": torch.zeros(0, hidden),
-            "down": torch.zeros(hidden, 0),
+            "gate": np.zeros((0, hidden), STORAGE[dtype]),
+            "up": np.zeros((0, hidden), STORAGE[dtype]),
+            "down": np.zeros((hidden, 0), STORAGE[dtype]),
         }
         for role, t in shared.items():
-            out[prefix + tgt.shared.format(p=tgt.proj[role])] = t.to(dtype)
-        gate = layer.shared_gate if layer.shared_gate is not None else torch.zeros(1, hidden)
-        out[prefix + tgt.shared_gate] = gate.to(dtype)
+            out[prefix + tgt.shared.format(p=tgt.proj[role])] = t
+        gate = (
+            layer.shared_gate
+            if layer.shared_gate is not None
+            else np.zeros((1, hidden), np.float32)
+        )
+        out[prefix + tgt.shared_gate] = cast(gate, "F32", dtype)
     return out
 
 
@@ -491,7 +492,7 @@ def convert(
         order = iter(plan.entries)
         try:
 
-            def emit(tensors: dict[str, torch.Tensor]) -> None:
+            def emit(tensors: dict[str, np.ndarray]) -> None:
                 for _ in range(len(tensors)):
                     name = next(order)[0]
                     writer.write(name, tensors[name])
@@ -579,7 +580,7 @@ This Mixture-of-Experts checkpoint was made from the dense `{plan.family.model_t
 | router init | {opts.router_init} |
 | expert noise | {opts.expert_noise} |
 | parameters | {_human(plan.total_params)} total, {_human(plan.active_params)} active per token |
-| dtype | {str(plan.dtype).removeprefix("torch.")} |
+| dtype | {CONFIG_NAMES[plan.dtype]} |
 | seed | {opts.seed} |
 
 Before any training it computes {"the same function as the dense model" if opts.expert_noise == 0 else "a perturbed copy of the dense model (expert noise)"}

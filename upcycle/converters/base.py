@@ -1,15 +1,18 @@
 """What a conversion method produces, and the registry of methods.
 
-A method is small and pure: given one dense FFN (tensors by role: gate, up, down) it returns an
+A method is small and pure: given one dense FFN (arrays by role: gate, up, down) it returns an
 MoE layer (router, experts, optional shared expert). It never sees file names or shards; the
 engine in `upcycle.convert` plans, streams and writes.
+
+Tensors are numpy arrays (see `upcycle.io.arrays`): FFN and expert weights are stored in the
+output dtype (BF16 as uint16), routers and shared-expert gates are float32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,10 @@ class MoELayout:
 
 @dataclass
 class MoELayer:
-    router: torch.Tensor  # (E, H)
-    experts: list[
-        dict[str, torch.Tensor]
-    ]  # E x {"gate": (I_e, H), "up": (I_e, H), "down": (H, I_e)}
-    shared: dict[str, torch.Tensor] | None = None  # {"gate","up","down"} of the shared expert
-    shared_gate: torch.Tensor | None = None  # (1, H), qwen2_moe's sigmoid gate
+    router: np.ndarray  # (E, H) float32
+    experts: list[dict[str, np.ndarray]]  # E x {"gate": (I_e, H), "up": (I_e, H), "down": (H, I_e)}
+    shared: dict[str, np.ndarray] | None = None  # {"gate","up","down"} of the shared expert
+    shared_gate: np.ndarray | None = None  # (1, H) float32, qwen2_moe's sigmoid gate
 
 
 @dataclass
@@ -50,8 +51,6 @@ def register(info: MethodInfo) -> MethodInfo:
     return info
 
 
-def layer_generator(seed: int, layer: int, salt: int) -> torch.Generator:
+def layer_rng(seed: int, layer: int, salt: int) -> np.random.Generator:
     """A generator whose stream depends only on (seed, layer, salt): order-independent output."""
-    return torch.Generator().manual_seed(
-        (seed * 1_000_003 + layer * 7_919 + salt * 104_729) % (2**63)
-    )
+    return np.random.default_rng([seed, layer, salt])

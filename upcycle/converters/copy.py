@@ -9,9 +9,9 @@ sum_k w_k * FFN(x) = FFN(x), whatever the router says. Expert noise breaks this 
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from upcycle.converters.base import MethodInfo, MoELayer, MoELayout, layer_generator, register
+from upcycle.converters.base import MethodInfo, MoELayer, MoELayout, layer_rng, register
 from upcycle.converters.routers import (
     ROUTER_INITS,
     hidden_state_means,
@@ -19,6 +19,7 @@ from upcycle.converters.routers import (
     random_router,
     zeros_router,
 )
+from upcycle.io.arrays import cast, to_float32
 
 INFO = register(
     MethodInfo(
@@ -31,40 +32,31 @@ INFO = register(
 
 
 def copy_experts(
-    ffn: dict[str, torch.Tensor],
+    ffn: dict[str, np.ndarray],
     num_experts: int,
+    dtype: str,
     noise: float = 0.0,
     seed: int = 0,
     layer: int = 0,
-) -> list[dict[str, torch.Tensor]]:
-    """E experts from one FFN {"gate": (I, H), "up": (I, H), "down": (H, I)}.
+) -> list[dict[str, np.ndarray]]:
+    """E experts from one FFN {"gate": (I, H), "up": (I, H), "down": (H, I)} stored as `dtype`.
 
-    Without noise every expert shares the same tensors (no copies in memory). With noise,
+    Without noise every expert shares the same arrays (no copies in memory). With noise,
     expert e's matrix W becomes W + noise * rms(W) * N(0, 1), drawn from (seed, layer, e).
     """
     if noise == 0.0:
         return [dict(ffn) for _ in range(num_experts)]
     experts = []
     for e in range(num_experts):
-        g = layer_generator(seed, layer, salt=100 + e)
+        rng = layer_rng(seed, layer, salt=100 + e)
         out = {}
         for role in sorted(ffn):
-            w = ffn[role].float()
-            rms = w.pow(2).mean().sqrt()
-            out[role] = (w + noise * rms * torch.randn(w.shape, generator=g)).to(ffn[role].dtype)
+            w = to_float32(ffn[role], dtype)
+            rms = np.sqrt(np.mean(np.square(w, dtype=np.float64)))
+            noisy = w + np.float32(noise * rms) * rng.standard_normal(w.shape, dtype=np.float32)
+            out[role] = cast(noisy, "F32", dtype)
         experts.append(out)
     return experts
-
-
-def copy_layer(
-    ffn: dict[str, torch.Tensor],
-    router: torch.Tensor,
-    num_experts: int,
-    noise: float,
-    seed: int,
-    layer: int,
-) -> MoELayer:
-    return MoELayer(router=router, experts=copy_experts(ffn, num_experts, noise, seed, layer))
 
 
 class CopyMethod:
@@ -90,7 +82,7 @@ class CopyMethod:
         self.expert_noise = expert_noise
         self.seed = seed
         self.expert_prompts = expert_prompts
-        self._hidden: dict[int, torch.Tensor] = {}
+        self._hidden: dict[int, np.ndarray] = {}
 
     def validate(self) -> None:
         from upcycle.errors import OptionError
@@ -131,13 +123,14 @@ class CopyMethod:
             )
             self._hidden = {i: hidden_state_rows(m) for i, m in means.items()}
 
-    def router(self, layer: int, hidden: int) -> torch.Tensor:
+    def router(self, layer: int, hidden: int) -> np.ndarray:
         if self.router_init == "random":
             return random_router(self.num_experts, hidden, self.router_std, self.seed, layer)
         if self.router_init == "zeros":
             return zeros_router(self.num_experts, hidden)
         return self._hidden[layer]
 
-    def layer(self, i: int, ffn: dict[str, torch.Tensor]) -> MoELayer:
+    def layer(self, i: int, ffn: dict[str, np.ndarray], dtype: str) -> MoELayer:
         router = self.router(i, ffn["down"].shape[0])
-        return copy_layer(ffn, router, self.num_experts, self.expert_noise, self.seed, i)
+        experts = copy_experts(ffn, self.num_experts, dtype, self.expert_noise, self.seed, i)
+        return MoELayer(router=router, experts=experts)

@@ -1,80 +1,80 @@
-"""Router initializations shared by the conversion methods."""
+"""Router initializations shared by the conversion methods (float32 arrays of shape (E, H))."""
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from upcycle.converters.base import layer_generator
+from upcycle.converters.base import layer_rng
 
 ROUTER_INITS = ("random", "zeros", "hidden")
 
 
-def random_router(num_experts: int, hidden: int, std: float, seed: int, layer: int) -> torch.Tensor:
+def random_router(num_experts: int, hidden: int, std: float, seed: int, layer: int) -> np.ndarray:
     """N(0, std^2) rows (AquilaMoE uses std 0.02)."""
-    g = layer_generator(seed, layer, salt=1)
-    return torch.randn(num_experts, hidden, generator=g, dtype=torch.float32) * std
+    rng = layer_rng(seed, layer, salt=1)
+    return (rng.standard_normal((num_experts, hidden), dtype=np.float32) * np.float32(std)).astype(
+        np.float32
+    )
 
 
-def zeros_router(num_experts: int, hidden: int) -> torch.Tensor:
+def zeros_router(num_experts: int, hidden: int) -> np.ndarray:
     """All logits equal: uniform routing, ties broken by expert index."""
-    return torch.zeros(num_experts, hidden, dtype=torch.float32)
+    return np.zeros((num_experts, hidden), dtype=np.float32)
 
 
-def hidden_state_rows(means: torch.Tensor) -> torch.Tensor:
+def hidden_state_rows(means: np.ndarray) -> np.ndarray:
     """Router rows from per-expert mean hidden states (E, H): centered across experts, unit norm.
 
     Softmax ignores anything added to every row alike, so the component common to all prompt
     sets carries no routing information; removing it before normalizing lets each row point at
     what distinguishes its expert's prompts.
     """
-    rows = means - means.mean(dim=0, keepdim=True)
-    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    rows = means - means.mean(axis=0, keepdims=True)
+    norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return (rows / norms).astype(np.float32)
 
 
-@torch.no_grad()
 def hidden_state_means(
     model_dir: str, prompt_sets: list[list[str]], layers: list[int]
-) -> dict[int, torch.Tensor]:
+) -> dict[int, np.ndarray]:
     """Mean hidden state at each router's input (the output of post_attention_layernorm).
 
     Returns {layer: (E, H)} for the given prompt sets, one set per expert. The dense model runs
     in fp32 on the CPU; this loads the whole model once.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    decoder_layers = model.model.layers
-    sums: dict[int, torch.Tensor] = {}
-    captured: dict[int, torch.Tensor] = {}
+    hidden = model.config.hidden_size
+    sums = {i: torch.zeros(len(prompt_sets), hidden, dtype=torch.float64) for i in layers}
+    current: list[int] = [0]
 
     def hook(i):
         def fn(_module, _inp, out):
-            captured[i] = out.detach().reshape(-1, out.shape[-1]).sum(0)
+            sums[i][current[0]] += out.detach().reshape(-1, hidden).sum(0).double()
 
         return fn
 
     handles = [
-        decoder_layers[i].post_attention_layernorm.register_forward_hook(hook(i)) for i in layers
+        model.model.layers[i].post_attention_layernorm.register_forward_hook(hook(i))
+        for i in layers
     ]
     try:
-        for e, prompts in enumerate(prompt_sets):
-            count = 0
-            acc = {i: torch.zeros(model.config.hidden_size) for i in layers}
-            for text in prompts:
-                ids = tok(text, return_tensors="pt").input_ids
-                if ids.shape[1] == 0:
-                    continue
-                model(input_ids=ids)
-                count += ids.shape[1]
+        with torch.no_grad():
+            for e, prompts in enumerate(prompt_sets):
+                current[0] = e
+                count = 0
+                for text in prompts:
+                    ids = tok(text, return_tensors="pt").input_ids
+                    if ids.shape[1]:
+                        model(input_ids=ids)
+                        count += ids.shape[1]
                 for i in layers:
-                    acc[i] += captured[i]
-            for i in layers:
-                sums.setdefault(i, torch.zeros(len(prompt_sets), model.config.hidden_size))[e] = (
-                    acc[i] / max(count, 1)
-                )
+                    sums[i][e] /= max(count, 1)
     finally:
         for h in handles:
             h.remove()
-    return sums
+    return {i: s.float().numpy() for i, s in sums.items()}

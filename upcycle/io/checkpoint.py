@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-import torch
+import numpy as np
 
 from upcycle.errors import InputError
+from upcycle.io.arrays import FLOATS, cast
 from upcycle.io.safetensors_io import TensorInfo, read_header, read_tensor
 
 INDEX = "model.safetensors.index.json"
@@ -81,20 +82,29 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.infos[name].shape
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(self, name: str, dtype: str | None = None) -> np.ndarray:
+        """The tensor as an array of its storage dtype, or cast to `dtype` (F32, BF16, ...)."""
         if name not in self.infos:
             raise InputError(f"{self.path}: tensor {name} is missing")
-        t = read_tensor(self._files[name], self.infos[name])
-        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+        info = self.infos[name]
+        a = read_tensor(self._files[name], info)
+        return a if dtype is None else cast(a, info.dtype, dtype)
+
+    def get_torch(self, name: str, dtype=None):
+        """The tensor as a torch tensor (optionally cast to a torch dtype)."""
+        from upcycle.io.arrays import to_torch
+
+        t = to_torch(self.get(name), self.infos[name].dtype)
+        return t if dtype is None else t.to(dtype)
 
     @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of most floating-point parameters."""
-        count: dict[torch.dtype, int] = {}
+    def dtype(self) -> str:
+        """The safetensors dtype name of most floating-point parameters."""
+        count: dict[str, int] = {}
         for info in self.infos.values():
-            if info.dtype.is_floating_point:
+            if info.dtype in FLOATS:
                 count[info.dtype] = count.get(info.dtype, 0) + info.nbytes
-        return max(count, key=count.get) if count else torch.float32
+        return max(count, key=count.get) if count else "F32"
 
     def num_params(self) -> int:
         total = 0

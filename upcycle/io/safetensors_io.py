@@ -14,33 +14,20 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from upcycle.errors import InputError
+from upcycle.io.arrays import STORAGE, nbytes_of
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors name: F32, BF16, ...
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file
     end: int
@@ -48,13 +35,6 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
-
-
-def nbytes_of(dtype: torch.dtype, shape: Iterable[int]) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for s in shape:
-        n *= s
-    return n
 
 
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -82,7 +62,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
-            dtype = DTYPES[entry["dtype"]]
+            dtype = entry["dtype"]
+            if dtype not in STORAGE:
+                raise KeyError(dtype)
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -97,25 +79,15 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, meta
 
 
-def read_tensor(path: str, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor into fresh memory (no mmap)."""
-    buf = bytearray(info.nbytes)
+def read_tensor(path: str, info: TensorInfo) -> np.ndarray:
+    """Read one tensor into fresh memory (no mmap), as an array of its storage dtype."""
+    out = np.empty(info.shape, dtype=STORAGE[info.dtype])
     with open(path, "rb") as f:
         f.seek(info.begin)
-        got = f.readinto(buf)
+        got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
     if got != info.nbytes:
         raise InputError(f"{path}: truncated while reading {info.name!r}")
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor (no copy when already contiguous)."""
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return out
 
 
 class StreamingFile:
@@ -124,18 +96,18 @@ class StreamingFile:
     def __init__(
         self,
         path: str,
-        entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        entries: list[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
     ):
         self.path = path
         self._order = [name for name, _, _ in entries]
-        self._expect: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._expect: dict[str, tuple[str, tuple[int, ...]]] = {}
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for name, dtype, shape in entries:
             nb = nbytes_of(dtype, shape)
             header[name] = {
-                "dtype": DTYPE_NAMES[dtype],
+                "dtype": dtype,
                 "shape": list(shape),
                 "data_offsets": [offset, offset + nb],
             }
@@ -148,16 +120,17 @@ class StreamingFile:
         self._f.write(blob)
         self._next = 0
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def write(self, name: str, a: np.ndarray) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
             want = self._order[self._next] if self._next < len(self._order) else "nothing"
             raise RuntimeError(f"writer expected {want}, got {name}")
         dtype, shape = self._expect[name]
-        if t.dtype != dtype or tuple(t.shape) != shape:
+        if a.dtype != STORAGE[dtype] or tuple(a.shape) != shape:
             raise RuntimeError(
-                f"{name}: planned {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}"
+                f"{name}: planned {dtype} {list(shape)}, got {a.dtype} {list(a.shape)}"
             )
-        self._f.write(tensor_bytes(t))
+        if a.size:
+            self._f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
         self._next += 1
 
     @property

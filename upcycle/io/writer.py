@@ -14,12 +14,13 @@ import os
 import shutil
 from collections.abc import Iterator
 
-import torch
+import numpy as np
 
 from upcycle.errors import OutputError
-from upcycle.io.safetensors_io import StreamingFile, nbytes_of
+from upcycle.io.arrays import nbytes_of
+from upcycle.io.safetensors_io import StreamingFile
 
-Entry = tuple[str, torch.dtype, tuple[int, ...]]
+Entry = tuple[str, str, tuple[int, ...]]  # name, safetensors dtype, shape
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -91,7 +92,7 @@ class ShardedWriter:
         path = os.path.join(self.folder, self.names[self._shard])
         self._file = StreamingFile(path, self.shards[self._shard])
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: np.ndarray) -> None:
         if self._file is None or self._file.complete:
             self._open_next()
         self._file.write(name, tensor)
