@@ -24,10 +24,10 @@ from upcycle.arch.config import source_config, target_config
 from upcycle.arch.families import FAMILIES, MOE_FAMILIES, DenseFamily, supported_families
 from upcycle.arch.shapes import expected_shapes
 from upcycle.arch.targets import TARGETS, MoETarget
+from upcycle.converters import Method, make_method
 from upcycle.converters.base import MoELayer, MoELayout
-from upcycle.converters.copy import CopyMethod
 from upcycle.errors import InputError, OptionError, UnsupportedError
-from upcycle.io.arrays import CONFIG_NAMES, NAMES, STORAGE, cast, nbytes_of
+from upcycle.io.arrays import CONFIG_NAMES, NAMES, STORAGE, cast, nbytes_of, to_float32
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir, parse_size
 
@@ -52,13 +52,18 @@ class ConvertOptions:
     """Everything a conversion depends on (recorded in OUT/upcycle.json)."""
 
     method: str = "copy"
-    num_experts: int = 8
+    num_experts: int | None = None  # copy: 8; granular: granularity - shared_experts
     top_k: int = 2
     target: str | None = None
     router_init: str = "random"
     router_std: float = 0.02
     expert_noise: float = 0.0
     expert_prompts: tuple[tuple[str, ...], ...] = ()
+    granularity: int | None = None
+    shared_experts: int = 0
+    partition: str = "contiguous"
+    calibration_data: str | None = None
+    calibration_tokens: int = 2048
     moe_layers: str = "all"
     router_aux_loss_coef: float = 0.001
     seed: int = 0
@@ -82,7 +87,7 @@ class Plan:
     max_shard_bytes: int
     options: ConvertOptions
     source_params: int
-    method: CopyMethod = field(repr=False, default=None)
+    method: Method = field(repr=False, default=None)
 
     @property
     def total_params(self) -> int:
@@ -107,17 +112,14 @@ class Plan:
     def describe(self, out: str | None = None) -> str:
         lay, cfg = self.layout, self.config
         dense = self.num_layers - len(self.moe_layers)
-        router = self.options.router_init
-        if router == "random":
-            router += f" (std {self.options.router_std})"
         lines = [
             f"method   {self.options.method} — {self.method.info.summary}",
             f"source   {self.source} ({self.family.model_type}, {self.num_layers} layers, "
-            f"hidden {cfg['hidden_size']}, FFN {cfg.get(self.target.dense_width_key or '', lay.expert_width) if dense else lay.expert_width}, "
-            f"{_human(self.source_params)} params)",
+            f"hidden {cfg['hidden_size']}, {_human(self.source_params)} params)",
             f"target   {self.target.architecture} ({self.target.model_type})",
-            f"experts  {lay.num_experts} per MoE layer, top-{lay.top_k}, width {lay.expert_width}, "
-            f"router init {router}, expert noise {self.options.expert_noise}",
+            f"experts  {lay.num_experts} routed per MoE layer, top-{lay.top_k}, width {lay.expert_width}"
+            + (f", shared width {lay.shared_width}" if lay.shared_width else ""),
+            f"         {self.method.describe()}",
             f"layers   {len(self.moe_layers)} MoE, {dense} dense",
             f"params   {_human(self.total_params)} total, {_human(self.active_params)} active per token",
             f"output   {out + ': ' if out else ''}{_bytes(self.total_bytes)} in {self.num_shards} shard(s), "
@@ -171,22 +173,6 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     if not layers:
         raise OptionError("--moe-layers selects no layer")
     return sorted(layers)
-
-
-def make_method(opts: ConvertOptions) -> CopyMethod:
-    if opts.method != "copy":
-        raise OptionError(f"unknown --method {opts.method!r}; available: copy")
-    method = CopyMethod(
-        num_experts=opts.num_experts,
-        top_k=opts.top_k,
-        router_init=opts.router_init,
-        router_std=opts.router_std,
-        expert_noise=opts.expert_noise,
-        seed=opts.seed,
-        expert_prompts=opts.expert_prompts,
-    )
-    method.validate()
-    return method
 
 
 def _family_of(ckpt: Checkpoint) -> DenseFamily:
@@ -328,6 +314,10 @@ def plan_conversion(source: str, opts: ConvertOptions) -> Plan:
 
     hidden, inter = src_cfg["hidden_size"], src_cfg["intermediate_size"]
     layout = method.layout(hidden, inter)
+    if layout.shared_width and not target.shared:
+        raise OptionError(
+            f"{target.model_type} has no shared expert; --shared-experts needs --target qwen2_moe"
+        )
     config = target_config(
         src_cfg,
         target,
@@ -430,19 +420,14 @@ def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, np.ndarray
             out[prefix + tgt.expert_name(e, role)] = t
     if tgt.shared:
         hidden = ffn["down"].shape[0]
-        shared = layer.shared or {
-            "gate": np.zeros((0, hidden), STORAGE[dtype]),
-            "up": np.zeros((0, hidden), STORAGE[dtype]),
-            "down": np.zeros((hidden, 0), STORAGE[dtype]),
-        }
+        empty = np.zeros((0, hidden), STORAGE[dtype])
+        shared = layer.shared or {"gate": empty, "up": empty, "down": empty.T}
+        if layer.shared and tgt.shared_gate_at_zero != 1.0:  # undo the gate's value at zero weights
+            down = to_float32(shared["down"], dtype) / np.float32(tgt.shared_gate_at_zero)
+            shared = {**shared, "down": cast(down, "F32", dtype)}
         for role, t in shared.items():
             out[prefix + tgt.shared.format(p=tgt.proj[role])] = t
-        gate = (
-            layer.shared_gate
-            if layer.shared_gate is not None
-            else np.zeros((1, hidden), np.float32)
-        )
-        out[prefix + tgt.shared_gate] = cast(gate, "F32", dtype)
+        out[prefix + tgt.shared_gate] = np.zeros((1, hidden), STORAGE[dtype])
     return out
 
 
@@ -577,14 +562,12 @@ This Mixture-of-Experts checkpoint was made from the dense `{plan.family.model_t
 | architecture | `{plan.target.architecture}` (`{plan.target.model_type}`) |
 | MoE layers | {len(plan.moe_layers)} of {plan.num_layers} |
 | experts | {lay.num_experts} per MoE layer, top-{lay.top_k}, width {lay.expert_width} |
-| router init | {opts.router_init} |
-| expert noise | {opts.expert_noise} |
+| method options | {plan.method.describe()} |
 | parameters | {_human(plan.total_params)} total, {_human(plan.active_params)} active per token |
 | dtype | {CONFIG_NAMES[plan.dtype]} |
 | seed | {opts.seed} |
 
-Before any training it computes {"the same function as the dense model" if opts.expert_noise == 0 else "a perturbed copy of the dense model (expert noise)"}
-({plan.method.info.exact}).
+When it equals the dense model before training: {plan.method.info.exact}.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -6,7 +6,7 @@ import re
 
 from upcycle.arch.families import FAMILIES, MOE_FAMILIES
 from upcycle.arch.targets import TARGETS
-from upcycle.converters.base import METHODS
+from upcycle.converters import METHODS
 from upcycle.errors import UpcycleError
 from upcycle.io.checkpoint import Checkpoint
 

@@ -27,6 +27,7 @@ class MoETarget:
     )
     shared: str | None = None  # shared-expert FFN (formatted with p)
     shared_gate: str | None = None
+    shared_gate_at_zero: float = 1.0  # the shared expert's gate value when its weights are zero
     carry: tuple[str, ...] = ()  # extra config fields copied from the source when present
     normalizes_top_k: str | None = None  # config key that switches top-k renormalization on
     dense_width_key: str | None = None  # config key of the dense layers' FFN width
@@ -72,6 +73,7 @@ TARGETS: dict[str, MoETarget] = {
             dense_mlp="mlp.{p}.weight",
             shared="mlp.shared_expert.{p}.weight",
             shared_gate="mlp.shared_expert_gate.weight",
+            shared_gate_at_zero=0.5,  # sigmoid(0)
             carry=("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
             normalizes_top_k="norm_topk_prob",
             dense_width_key="intermediate_size",

@@ -39,9 +39,13 @@ def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
 @click.argument("model")
 @click.argument("out")
 @config_option
-@click.option("--method", default="copy", show_default=True, help="Conversion method (copy).")
+@click.option("--method", default="copy", show_default=True, help="copy or granular.")
 @click.option(
-    "--num-experts", "-E", type=int, default=8, show_default=True, help="Experts per MoE layer."
+    "--num-experts",
+    "-E",
+    type=int,
+    default=None,
+    help="Routed experts per MoE layer [copy: 8; granular: granularity - shared].",
 )
 @click.option(
     "--top-k", "-k", type=int, default=2, show_default=True, help="Experts each token uses."
@@ -51,7 +55,41 @@ def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
     default=None,
     help="MoE architecture: mixtral, qwen2_moe, qwen3_moe (default: per family).",
 )
-@click.option("--router-init", default="random", show_default=True, help="random, zeros or hidden.")
+@click.option(
+    "--router-init",
+    default="random",
+    show_default=True,
+    help="copy: random, zeros, hidden; granular: random, zeros, virtual-group, centroid, activation.",
+)
+@click.option(
+    "--granularity", "-G", type=int, default=None, help="granular: parts each FFN is cut into."
+)
+@click.option(
+    "--shared-experts",
+    "-S",
+    type=int,
+    default=0,
+    show_default=True,
+    help="granular: parts that form the always-on shared expert (qwen2_moe).",
+)
+@click.option(
+    "--partition",
+    default="contiguous",
+    show_default=True,
+    help="granular: contiguous, random, kmeans or coactivation.",
+)
+@click.option(
+    "--calibration-data",
+    default=None,
+    help="Text or JSONL file (or builtin) for --partition coactivation / --router-init activation.",
+)
+@click.option(
+    "--calibration-tokens",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Calibration tokens per layer kept in memory.",
+)
 @click.option(
     "--router-std",
     type=float,

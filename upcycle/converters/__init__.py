@@ -1,0 +1,85 @@
+"""Conversion methods, registered by name; `make_method` builds one from validated options."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from upcycle.converters import copy, granular  # noqa: F401  (register the methods)
+from upcycle.converters.base import METHODS, MethodInfo, MoELayer, MoELayout
+from upcycle.errors import OptionError
+
+
+class Method(Protocol):
+    info: MethodInfo
+
+    def validate(self) -> None: ...
+
+    def describe(self) -> str: ...
+
+    def layout(self, hidden: int, intermediate: int) -> MoELayout: ...
+
+    def prepare(self, source_dir: str, moe_layers: list[int], log) -> None: ...
+
+    def layer(self, i: int, ffn: dict[str, np.ndarray], dtype: str) -> MoELayer: ...
+
+
+# options that only some methods read: option -> (methods, default)
+_SPECIFIC = {
+    "expert_noise": (("copy",), 0.0),
+    "expert_prompts": (("copy",), ()),
+    "granularity": (("granular",), None),
+    "shared_experts": (("granular",), 0),
+    "partition": (("granular",), "contiguous"),
+    "calibration_data": (("granular",), None),
+}
+
+
+def make_method(opts) -> Method:
+    """The method named by opts.method, configured from opts (a ConvertOptions) and validated."""
+    if opts.method not in METHODS:
+        raise OptionError(
+            f"unknown --method {opts.method!r}; available: {', '.join(sorted(METHODS))}"
+        )
+    for option, (methods, default) in _SPECIFIC.items():
+        if opts.method not in methods and getattr(opts, option) != default:
+            flag = "--" + option.replace("_", "-")
+            raise OptionError(
+                f"{flag} applies to --method {' or '.join(methods)}, not {opts.method}"
+            )
+    if opts.method == "copy":
+        method = copy.CopyMethod(
+            num_experts=8 if opts.num_experts is None else opts.num_experts,
+            top_k=opts.top_k,
+            router_init=opts.router_init,
+            router_std=opts.router_std,
+            expert_noise=opts.expert_noise,
+            seed=opts.seed,
+            expert_prompts=opts.expert_prompts,
+        )
+    else:
+        if opts.granularity is None:
+            raise OptionError("--method granular needs --granularity")
+        texts = None
+        if opts.calibration_data:
+            from upcycle.data import resolve_texts
+
+            texts = resolve_texts(opts.calibration_data, split="calibration")
+        method = granular.GranularMethod(
+            granularity=opts.granularity,
+            num_experts=opts.num_experts,
+            top_k=opts.top_k,
+            shared_experts=opts.shared_experts,
+            partition=opts.partition,
+            router_init=opts.router_init,
+            router_std=opts.router_std,
+            seed=opts.seed,
+            calibration_texts=texts,
+            calibration_tokens=opts.calibration_tokens,
+        )
+    method.validate()
+    return method
+
+
+__all__ = ["METHODS", "Method", "MoELayer", "MoELayout", "make_method"]

@@ -30,8 +30,7 @@ class MoELayout:
 class MoELayer:
     router: np.ndarray  # (E, H) float32
     experts: list[dict[str, np.ndarray]]  # E x {"gate": (I_e, H), "up": (I_e, H), "down": (H, I_e)}
-    shared: dict[str, np.ndarray] | None = None  # {"gate","up","down"} of the shared expert
-    shared_gate: np.ndarray | None = None  # (1, H) float32, qwen2_moe's sigmoid gate
+    shared: dict[str, np.ndarray] | None = None  # {"gate","up","down"}: always on, weight 1
 
 
 @dataclass

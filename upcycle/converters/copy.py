@@ -110,6 +110,12 @@ class CopyMethod:
         elif self.expert_prompts:
             raise OptionError("--expert-prompts is used only with --router-init hidden")
 
+    def describe(self) -> str:
+        init = self.router_init + (
+            f" (std {self.router_std})" if self.router_init == "random" else ""
+        )
+        return f"router init {init}, expert noise {self.expert_noise}"
+
     def layout(self, hidden: int, intermediate: int) -> MoELayout:
         return MoELayout(self.num_experts, self.top_k, expert_width=intermediate)
 

@@ -1,0 +1,266 @@
+"""Granular upcycling: exactness on every target, partitions, router inits, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import logits
+from test_bad_input import assert_one_line_error
+from transformers import AutoModelForCausalLM
+
+from upcycle.converters import partitions as P
+from upcycle.converters.granular import GranularMethod
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+# I = 96 in the tiny models: G=8 -> 12 neurons per part.
+EXACT = [
+    ("llama", ["-G", "8"], "MixtralForCausalLM"),
+    ("llama", ["-G", "4", "-E", "8", "--partition", "random"], "MixtralForCausalLM"),
+    ("qwen2", ["-G", "8", "-S", "2", "--partition", "kmeans"], "Qwen2MoeForCausalLM"),
+    ("llama", ["-G", "6", "-S", "3", "-E", "6", "--target", "qwen2_moe"], "Qwen2MoeForCausalLM"),
+    ("qwen3", ["-G", "8", "--partition", "kmeans", "--moe-layers", "1"], "Qwen3MoeForCausalLM"),
+]
+
+
+@pytest.mark.parametrize("family,extra,arch", EXACT, ids=[f"{c[0]}{''.join(c[1])}" for c in EXACT])
+def test_full_activation_with_uniform_router_is_exact(tiny, cli, tmp_path, family, extra, arch):
+    src = tiny(family)
+    out = str(tmp_path / "moe")
+    g = int(extra[extra.index("-G") + 1])
+    s = int(extra[extra.index("-S") + 1]) if "-S" in extra else 0
+    e = int(extra[extra.index("-E") + 1]) if "-E" in extra else g - s
+    r = cli(
+        "convert",
+        src,
+        out,
+        "--method",
+        "granular",
+        "--router-init",
+        "zeros",
+        "-k",
+        str(e),
+        "-q",
+        *extra,
+    )
+    assert r.code == 0, r
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == arch
+    torch.testing.assert_close(logits(out, IDS), logits(src, IDS), atol=1e-5, rtol=0)
+
+
+def test_virtual_group_router_with_one_group_is_exact(tiny, cli, tmp_path):
+    src = tiny("llama")
+    out = str(tmp_path / "moe")
+    r = cli(
+        "convert",
+        src,
+        out,
+        "--method",
+        "granular",
+        "-G",
+        "8",
+        "-k",
+        "8",
+        "--router-init",
+        "virtual-group",
+        "-q",
+    )
+    assert r.code == 0, r
+    torch.testing.assert_close(logits(out, IDS), logits(src, IDS), atol=1e-5, rtol=0)
+
+
+def test_shapes_config_and_active_params(tiny, cli, tmp_path):
+    out = str(tmp_path / "moe")
+    r = cli(
+        "convert",
+        tiny("qwen2"),
+        out,
+        "--method",
+        "granular",
+        "-G",
+        "8",
+        "-S",
+        "2",
+        "-E",
+        "12",
+        "-k",
+        "3",
+        "--partition",
+        "kmeans",
+        "--router-init",
+        "centroid",
+        "-q",
+    )
+    assert r.code == 0, r
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["moe_intermediate_size"] == 12 and cfg["shared_expert_intermediate_size"] == 24
+    assert (
+        cfg["num_experts"] == 12
+        and cfg["num_experts_per_tok"] == 3
+        and cfg["norm_topk_prob"] is True
+    )
+    model = AutoModelForCausalLM.from_pretrained(out)
+    gate = model.model.layers[0].mlp.gate.weight
+    assert gate.shape == (12, 64)
+    torch.testing.assert_close(gate[:6], gate[6:])  # replicas of a part share its router row
+    info = json.loads(cli("inspect", out, "--json").out)
+    per_expert = 3 * 12 * 64
+    assert info["params_total"] - info["params_active"] == 2 * (12 - 3) * per_expert
+
+
+def test_partial_activation_is_close_but_not_exact(tiny, cli, tmp_path):
+    src = tiny("llama")
+    out = str(tmp_path / "moe")
+    assert (
+        cli(
+            "convert",
+            src,
+            out,
+            "--method",
+            "granular",
+            "-G",
+            "8",
+            "-k",
+            "6",
+            "--router-init",
+            "zeros",
+            "-q",
+        ).code
+        == 0
+    )
+    dense, moe = logits(src, IDS), logits(out, IDS)
+    diff = (dense - moe).abs().max()
+    assert 1e-6 < diff < dense.abs().max()
+
+
+def test_deterministic_under_seed(tiny, cli, tmp_path):
+    src = tiny("llama")
+    outs = []
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = str(tmp_path / name)
+        assert (
+            cli(
+                "convert",
+                src,
+                out,
+                "--method",
+                "granular",
+                "-G",
+                "8",
+                "-k",
+                "2",
+                "--partition",
+                "random",
+                "--seed",
+                seed,
+                "-q",
+            ).code
+            == 0
+        )
+        outs.append(open(os.path.join(out, "model.safetensors"), "rb").read())
+    assert outs[0] == outs[1] != outs[2]
+
+
+@pytest.mark.parametrize("n,g", [(96, 8), (1536, 64), (100, 4)])
+def test_partition_invariants(n, g):
+    rng = np.random.default_rng(0)
+    gate, up = (
+        rng.standard_normal((n, 16)).astype(np.float32),
+        rng.standard_normal((n, 16)).astype(np.float32),
+    )
+    active = rng.random((200, n)) > 0.7
+    for parts in (
+        P.contiguous(n, g),
+        P.random_partition(n, g, 0, 0),
+        P.kmeans_partition(gate, up, g, 0, 0),
+        P.coactivation_partition(active, g, 0, 0),
+    ):
+        assert len(parts) == g
+        P.check_partition(parts, n)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            P.kmeans_partition(gate, up, g, 3, 1),
+            P.kmeans_partition(gate, up, g, 3, 1),
+            strict=True,
+        )
+    )
+
+
+def test_kmeans_groups_similar_neurons():
+    """Neurons built as noisy copies of 4 prototypes end up grouped by prototype."""
+    rng = np.random.default_rng(0)
+    protos = rng.standard_normal((4, 32))
+    labels = np.repeat(np.arange(4), 10)
+    rng.shuffle(labels)
+    rows = protos[labels] + 0.05 * rng.standard_normal((40, 32))
+    parts = P.kmeans_partition(
+        rows[:, :16].astype(np.float32), rows[:, 16:].astype(np.float32), 4, 0, 0
+    )
+    assert all(len(set(labels[p])) == 1 for p in parts)
+
+
+def test_split_shared_takes_most_important():
+    parts = P.contiguous(12, 4)
+    importance = np.arange(12, dtype=float)
+    shared, routed = P.split_shared(parts, 1, importance)
+    assert list(shared) == [9, 10, 11]
+    P.check_partition(routed + [shared], 12)
+
+
+def test_router_inits_shapes():
+    rng = np.random.default_rng(0)
+    gate, up, down = (
+        rng.standard_normal(s).astype(np.float32) for s in ((96, 64), (96, 64), (64, 96))
+    )
+    ffn = {"gate": gate, "up": up, "down": down}
+    for init in ("random", "zeros", "virtual-group", "centroid"):
+        m = GranularMethod(granularity=8, num_experts=16, top_k=4, router_init=init)
+        m.validate()
+        layer = m.layer(0, ffn, "F32")
+        assert layer.router.shape == (16, 64) and layer.router.dtype == np.float32
+        assert len(layer.experts) == 16 and layer.experts[0]["gate"].shape == (12, 64)
+        again = m.layer(0, ffn, "F32").router
+        assert np.array_equal(layer.router, again)
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["-G", "7"], ["does not divide the FFN width 96"]),
+        (["-G", "8", "-E", "12"], ["multiple of the routed parts"]),
+        (
+            ["-G", "8", "-S", "2", "-k", "7", "--target", "qwen2_moe"],
+            ["--top-k counts routed experts only"],
+        ),
+        (["-G", "8", "-S", "2"], ["mixtral has no shared expert"]),
+        (
+            ["-G", "8", "--partition", "coactivation"],
+            ["--partition coactivation needs --calibration-data"],
+        ),
+        (
+            ["-G", "8", "--router-init", "activation"],
+            ["--router-init activation needs --calibration-data"],
+        ),
+        (["-G", "8", "--router-init", "hidden"], ["unknown --router-init"]),
+        (["-G", "8", "--partition", "spectral"], ["unknown --partition"]),
+        ([], ["needs --granularity"]),
+        (["-G", "8", "--expert-noise", "0.1"], ["--expert-noise applies to --method copy"]),
+    ],
+)
+def test_bad_granular_options(cli, tiny, tmp_path, args, words):
+    out = tmp_path / "o"
+    assert_one_line_error(
+        cli("convert", tiny("llama"), str(out), "--method", "granular", *args), *words
+    )
+    assert not out.exists()
+
+
+def test_granular_options_refused_for_copy(cli, tiny, tmp_path):
+    assert_one_line_error(
+        cli("convert", tiny("llama"), str(tmp_path / "o"), "-G", "8"),
+        "--granularity applies to --method granular",
+    )

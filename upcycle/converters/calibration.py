@@ -1,0 +1,100 @@
+"""Activations of a dense model on calibration text, for partitions and routers that need data.
+
+For each FFN we keep, over up to `max_tokens` tokens, the router's input x (the FFN input, i.e.
+the output of post_attention_layernorm) and the down projection's input h = act(gate x) * up x.
+From these: which neurons matter for which token (their contribution |h_i| * ||down[:, i]||),
+and how large each group of neurons' output is (what a router should predict).
+Memory: max_tokens * (H * 4 + I * 2) bytes per layer; the dense model is loaded once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class LayerActivations:
+    x: np.ndarray  # (T, H) float32, router input
+    h: np.ndarray  # (T, I) float16, down-projection input
+
+    def contributions(self, down: np.ndarray) -> np.ndarray:
+        """(T, I) float32: |h_i| * ||down[:, i]||, neuron i's share of each token's FFN output."""
+        return np.abs(self.h.astype(np.float32)) * np.linalg.norm(down, axis=0)[None, :]
+
+    def active(self, down: np.ndarray, fraction: float) -> np.ndarray:
+        """(T, I) bool: each token's top `fraction` of neurons by contribution."""
+        c = self.contributions(down)
+        k = max(1, int(round(fraction * c.shape[1])))
+        kth = np.partition(c, c.shape[1] - k, axis=1)[:, c.shape[1] - k][:, None]
+        return c >= kth
+
+    def part_norms(self, down: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
+        """(T, P): norm of each part's output h[:, p] @ down[:, p].T per token."""
+        h = self.h.astype(np.float32)
+        return np.stack([np.linalg.norm(h[:, p] @ down[:, p].T, axis=1) for p in parts], axis=1)
+
+
+def collect_activations(
+    model_dir: str,
+    texts: list[str],
+    layers: list[int],
+    *,
+    max_tokens: int = 2048,
+    seq_len: int = 256,
+    log=None,
+) -> dict[int, LayerActivations]:
+    """Run the dense model on `texts` and keep each listed layer's FFN input and hidden activation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from upcycle.data import token_blocks
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    blocks = token_blocks(texts, tok, seq_len=seq_len, max_tokens=max_tokens)
+    if log:
+        log(f"collecting activations on {blocks.numel()} calibration tokens ...")
+    xs: dict[int, list] = {i: [] for i in layers}
+    hs: dict[int, list] = {i: [] for i in layers}
+    handles = []
+    for i in layers:
+        mlp = model.model.layers[i].mlp
+        handles.append(
+            mlp.register_forward_pre_hook(
+                lambda _m, args, i=i: xs[i].append(
+                    args[0].detach().reshape(-1, args[0].shape[-1]).clone()
+                )
+            )
+        )
+        handles.append(
+            mlp.down_proj.register_forward_pre_hook(
+                lambda _m, args, i=i: hs[i].append(
+                    args[0].detach().reshape(-1, args[0].shape[-1]).half()
+                )
+            )
+        )
+    try:
+        with torch.no_grad():
+            for b in range(0, blocks.shape[0], 4):
+                model(input_ids=blocks[b : b + 4])
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: LayerActivations(torch.cat(xs[i]).numpy(), torch.cat(hs[i]).numpy()) for i in layers}
+
+
+def fit_linear_router(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
+    """Least-squares W (P, H) with x @ W.T ~ y (MoEfication's activation-predicting router).
+
+    Targets are standardized per part so every expert's logit has a comparable scale; the
+    ridge term is relative to the mean eigenvalue of x.T x.
+    """
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
+    y = (y - y.mean(0)) / np.maximum(y.std(0), 1e-12)
+    gram = x.T @ x
+    lam = ridge * np.trace(gram) / gram.shape[0]
+    w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y)  # (H, P)
+    return w.T.astype(np.float32)
