@@ -13,7 +13,7 @@ def test_inspect_dense_and_moe(cli, tiny, tmp_path):
     assert info["family"] == "llama" and info["moe"] is False
     assert info["params_total"] == info["params_active"]
     assert info["targets"] == ["mixtral (default)", "qwen2_moe"]
-    assert info["methods"] == ["copy"]
+    assert info["methods"] == ["copy", "granular"]
     out = str(tmp_path / "moe")
     assert cli("convert", src, out, "-E", "4", "-k", "1", "-q").code == 0
     moe = json.loads(cli("inspect", out, "--json").out)
@@ -45,7 +45,7 @@ def test_dry_run_writes_nothing(cli, tiny, tmp_path):
     out = tmp_path / "o"
     r = cli("convert", tiny("llama"), str(out), "-E", "4", "--dry-run")
     assert r.code == 0, r
-    assert "MixtralForCausalLM" in r.out and "4 per MoE layer" in r.out and "shard" in r.out
+    assert "MixtralForCausalLM" in r.out and "4 routed per MoE layer" in r.out and "shard" in r.out
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if "upcycle-tmp" in n]
 
 
