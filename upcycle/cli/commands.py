@@ -176,3 +176,52 @@ def fetch_default(force):
     path = fetch(log=_log, force=force)
     click.echo(path)
     sys.stdout.flush()
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("out")
+@config_option
+@click.option("--data", required=True, help="Calibration text: a text or JSONL file, or builtin.")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Calibration tokens.")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option(
+    "--ridge", type=float, default=1e-2, show_default=True, help="Relative ridge penalty."
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Per-layer report as JSON.")
+@click.option("--quiet", "-q", is_flag=True)
+def calibrate(model, out, data, max_tokens, seq_len, ridge, force, as_json, quiet):
+    """Fit the routers of the MoE MODEL to its frozen experts; write the result to OUT.
+
+    The target for each token is the set of top-k experts with the largest outputs (the
+    oracle); the report gives the fraction of it the router picks before and after.
+    """
+    from dataclasses import asdict
+
+    from upcycle.calibrate import calibrate as run
+    from upcycle.data import resolve_texts
+    from upcycle.io.default_model import resolve_model
+    from upcycle.io.writer import check_output_dir
+
+    check_output_dir(out, force)
+    texts = resolve_texts(data, split="calibration")
+    reports = run(
+        resolve_model(model, log=_log),
+        out,
+        texts,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        ridge=ridge,
+        force=force,
+        progress=not quiet,
+        log=_log if not quiet else (lambda m: None),
+    )
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in reports], indent=2))
+    elif not quiet:
+        before = sum(r.oracle_overlap_before for r in reports) / len(reports)
+        after = sum(r.oracle_overlap_after for r in reports) / len(reports)
+        click.echo(
+            f"wrote {out}\n  router picks of the oracle's top-k: {before:.1%} before, {after:.1%} after"
+        )

@@ -1,0 +1,69 @@
+"""upcycle calibrate: routers fitted to frozen experts pick more of the oracle's experts."""
+
+import json
+import os
+
+import numpy as np
+import torch
+from conftest import save_tiny
+from test_bad_input import assert_one_line_error
+from transformers import AutoModelForCausalLM
+
+from upcycle.calibrate import topk_overlap
+
+
+def _corpus(path, n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "mat", "code", "python", "def", "return", "import"] + [
+        f"w{i}" for i in range(10, 100)
+    ]
+    lines = [" ".join(rng.choice(words, size=20)) for _ in range(n)]
+    path.write_text("\n\n".join(lines))
+    return str(path)
+
+
+def test_topk_overlap():
+    logits = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    norms = np.array([[9.0, 1.0, 8.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    assert topk_overlap(logits, norms, 2) == 0.75
+
+
+def test_calibrate_moves_routers_toward_the_oracle(tmp_path, cli):
+    src = save_tiny(str(tmp_path / "src"), "llama", tokenizer=True)
+    moe, out = str(tmp_path / "moe"), str(tmp_path / "cal")
+    assert cli("convert", src, moe, "--method", "granular", "-G", "8", "-k", "2", "-q").code == 0
+    data = _corpus(tmp_path / "data.txt")
+    r = cli(
+        "calibrate",
+        moe,
+        out,
+        "--data",
+        data,
+        "--max-tokens",
+        "1024",
+        "--seq-len",
+        "64",
+        "--json",
+        "-q",
+    )
+    assert r.code == 0, r
+    reports = json.loads(r.out)
+    assert len(reports) == 2
+    before = np.mean([x["oracle_overlap_before"] for x in reports])
+    after = np.mean([x["oracle_overlap_after"] for x in reports])
+    assert after > before + 0.1
+    a, b = AutoModelForCausalLM.from_pretrained(moe), AutoModelForCausalLM.from_pretrained(out)
+    assert not torch.equal(a.model.layers[0].mlp.gate.weight, b.model.layers[0].mlp.gate.weight)
+    torch.testing.assert_close(
+        a.model.layers[0].mlp.experts.down_proj, b.model.layers[0].mlp.experts.down_proj
+    )
+    assert "calibration" in json.load(open(os.path.join(out, "upcycle.json")))
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+
+
+def test_calibrate_refuses_dense_models(tmp_path, cli, tiny):
+    data = _corpus(tmp_path / "d.txt", n=5)
+    assert_one_line_error(
+        cli("calibrate", tiny("llama"), str(tmp_path / "o"), "--data", data),
+        "not an MoE checkpoint",
+    )

@@ -1,0 +1,177 @@
+"""Fit the routers of an upcycled MoE to its frozen experts on calibration text.
+
+The oracle for a token is the set of top-k experts with the largest outputs ||expert_e(x)||:
+the experts that matter most for the layer's output. For each MoE layer, in order, we take the
+router inputs x the model actually produces (upstream layers already calibrated), compute every
+expert's output norm, and fit the router by ridge regression to predict the standardized norms
+(as MoEfication's activation router does; closed form, seconds per layer). One forward pass
+over all calibration tokens does every layer: a hook on each MoE block fits its router before
+the block runs. The checkpoint is then rewritten with the new router weights, every other
+tensor copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from upcycle.arch.targets import TARGETS
+from upcycle.converters.calibration import fit_linear_router
+from upcycle.errors import InputError, OptionError
+from upcycle.io.arrays import from_torch
+from upcycle.io.checkpoint import INDEX, SINGLE, Checkpoint
+from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    oracle_overlap_before: float  # mean fraction of the oracle's top-k the router picks
+    oracle_overlap_after: float
+
+
+def topk_overlap(logits: np.ndarray, norms: np.ndarray, k: int) -> float:
+    """Mean over tokens of |router top-k ∩ oracle top-k| / k."""
+    pick = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    best = np.argpartition(-norms, k - 1, axis=1)[:, :k]
+    hits = (pick[:, :, None] == best[:, None, :]).any(axis=2).sum(axis=1)
+    return float(hits.mean() / k)
+
+
+def expert_output_norms(experts, x):
+    """(T, E) output norms of every expert of a transformers fused-experts module on x (T, H)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for e in range(experts.gate_up_proj.shape[0]):
+            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+            out.append(y.norm(dim=-1))
+    return torch.stack(out, dim=1)
+
+
+def calibrate(
+    model_dir: str,
+    out: str,
+    texts: list[str],
+    *,
+    max_tokens: int = 4096,
+    seq_len: int = 256,
+    ridge: float = 1e-2,
+    force: bool = False,
+    progress: bool = True,
+    log=None,
+) -> list[LayerReport]:
+    """Write a copy of the MoE at `model_dir` into `out` with calibrated routers."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    check_output_dir(out, force)
+    ckpt = Checkpoint(model_dir)
+    target = TARGETS.get(ckpt.model_type)
+    if target is None:
+        raise InputError(
+            f"{ckpt.path} is not an MoE checkpoint upcycle can calibrate ({ckpt.model_type}); "
+            f"supported: {', '.join(TARGETS)}"
+        )
+    if ridge <= 0:
+        raise OptionError("--ridge must be positive")
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from upcycle.data import token_blocks
+
+    start = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    blocks = token_blocks(texts, tok, seq_len=seq_len, max_tokens=max_tokens)
+    moe = [
+        (i, layer.mlp)
+        for i, layer in enumerate(model.model.layers)
+        if hasattr(layer.mlp, "experts")
+    ]
+    if not moe:
+        raise InputError(f"{ckpt.path}: no MoE layer found")
+    top_k = model.config.num_experts_per_tok
+    reports: list[LayerReport] = []
+    routers: dict[int, np.ndarray] = {}
+    bar = tqdm(
+        total=len(moe), desc="calibrating", unit="layer", disable=not progress, file=sys.stderr
+    )
+
+    def fit(i):
+        def hook(block, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            norms = expert_output_norms(block.experts, x).numpy()
+            xs = x.numpy()
+            before = topk_overlap(xs @ block.gate.weight.detach().numpy().T, norms, top_k)
+            w = fit_linear_router(xs, norms, ridge=ridge)
+            block.gate.weight.data.copy_(torch.from_numpy(w))
+            reports.append(LayerReport(i, before, topk_overlap(xs @ w.T, norms, top_k)))
+            routers[i] = w
+            bar.update()
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(fit(i)) for i, block in moe]
+    log(f"fitting {len(moe)} routers on {blocks.numel()} tokens ...")
+    try:
+        with torch.no_grad():
+            model(input_ids=blocks)
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    del model
+    _write(ckpt, target, routers, out, force, reports, texts_tokens=int(blocks.numel()))
+    log(f"calibrated {len(reports)} routers in {time.perf_counter() - start:.1f} s")
+    return reports
+
+
+def _write(
+    ckpt: Checkpoint,
+    target,
+    routers: dict[int, np.ndarray],
+    out: str,
+    force: bool,
+    reports: list[LayerReport],
+    texts_tokens: int,
+) -> None:
+    prefix = "model.layers.{i}."
+    replace = {prefix.format(i=i) + target.router: w for i, w in routers.items()}
+    entries = [(name, info.dtype, info.shape) for name, info in ckpt.infos.items()]
+    sizes = [
+        os.path.getsize(os.path.join(ckpt.path, f))
+        for f in os.listdir(ckpt.path)
+        if f.endswith(".safetensors")
+    ]
+    with atomic_output_dir(out, force=force) as tmp:
+        writer = ShardedWriter(tmp, entries, max(sizes))
+        for name, dtype, _ in entries:
+            a = ckpt.get(name)
+            if name in replace:
+                import torch
+
+                a = from_torch(torch.from_numpy(replace[name]), dtype)
+            writer.write(name, a)
+        writer.finish()
+        for f in os.listdir(ckpt.path):
+            src = os.path.join(ckpt.path, f)
+            if os.path.isfile(src) and not f.endswith(".safetensors") and f not in (INDEX, SINGLE):
+                shutil.copyfile(src, os.path.join(tmp, f))
+        prov_path = os.path.join(tmp, "upcycle.json")
+        prov = json.load(open(prov_path)) if os.path.isfile(prov_path) else {}
+        prov["calibration"] = {
+            "tokens": texts_tokens,
+            "oracle_overlap_before": float(np.mean([r.oracle_overlap_before for r in reports])),
+            "oracle_overlap_after": float(np.mean([r.oracle_overlap_after for r in reports])),
+        }
+        with open(prov_path, "w") as f:
+            json.dump(prov, f, indent=2)
+            f.write("\n")
