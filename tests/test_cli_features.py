@@ -92,3 +92,32 @@ def test_conversion_needs_neither_torch_nor_transformers(tiny, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_inspect_reads_the_fused_expert_layout(tmp_path, cli):
+    """transformers 5 can write experts fused ((E, 2I, H) tensors); inspect counts them too."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "fused"
+    folder.mkdir()
+    cfg = {
+        "model_type": "mixtral",
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 1,
+        "hidden_size": 8,
+        "intermediate_size": 6,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(
+        {
+            "model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 12, 8),
+            "model.layers.0.mlp.experts.down_proj": torch.zeros(4, 8, 6),
+            "model.layers.0.mlp.gate.weight": torch.zeros(4, 8),
+        },
+        str(folder / "model.safetensors"),
+    )
+    info = json.loads(cli("inspect", str(folder), "--json").out)
+    assert info["moe_layers"] == 1 and info["experts"] == 4
+    assert info["params_total"] - info["params_active"] == 2 * (12 * 8 + 8 * 6)

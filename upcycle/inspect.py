@@ -11,6 +11,9 @@ from upcycle.errors import UpcycleError
 from upcycle.io.checkpoint import Checkpoint
 
 _EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.")
+_FUSED = re.compile(
+    r"^(.*)\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$"
+)  # (E, ., .) tensors
 
 
 def inspect_model(path: str) -> dict:
@@ -27,7 +30,9 @@ def inspect_model(path: str) -> dict:
         "tensors": len(ckpt.keys()),
         "params_total": ckpt.num_params(),
     }
-    if ckpt.model_type in MOE_FAMILIES or any(_EXPERT.match(k) for k in ckpt.keys()):
+    if ckpt.model_type in MOE_FAMILIES or any(
+        _EXPERT.match(k) or _FUSED.match(k) for k in ckpt.keys()
+    ):
         info.update(_moe_info(ckpt))
     else:
         info["params_active"] = info["params_total"]
@@ -41,13 +46,17 @@ def _moe_info(ckpt: Checkpoint) -> dict:
     top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_top_k") or 1
     per_layer: dict[str, dict[int, int]] = {}  # block prefix -> expert -> params
     for name, info in ckpt.infos.items():
+        n = 1
+        for s in info.shape:
+            n *= s
         m = _EXPERT.match(name)
         if m:
-            n = 1
-            for s in info.shape:
-                n *= s
             experts = per_layer.setdefault(m.group(1), {})
             experts[int(m.group(2))] = experts.get(int(m.group(2)), 0) + n
+        elif (m := _FUSED.match(name)) and len(info.shape) == 3:  # transformers 5's fused layout
+            experts = per_layer.setdefault(m.group(1), {})
+            for e in range(info.shape[0]):
+                experts[e] = experts.get(e, 0) + n // info.shape[0]
     inactive = 0
     for experts in per_layer.values():
         sizes = sorted(experts.values(), reverse=True)
