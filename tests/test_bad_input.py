@@ -178,3 +178,12 @@ def test_bad_yaml_config(cli, tiny, tmp_path):
     assert_one_line_error(
         cli("convert", tiny("llama"), str(tmp_path / "o"), "--config", str(cfg)), "not valid YAML"
     )
+
+
+def test_missing_parents_are_created_but_files_block(cli, tiny, tmp_path):
+    src = tiny("llama")
+    assert cli("convert", src, str(tmp_path / "a" / "b" / "moe"), "-q").code == 0
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(
+        cli("convert", src, str(tmp_path / "file" / "moe")), "exists and is a file"
+    )

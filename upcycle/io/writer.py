@@ -125,8 +125,12 @@ def check_output_dir(out: str, force: bool) -> None:
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise OutputError(f"{out}: exists and is not empty (use --force to replace it)")
     parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(
+        parent
+    ):  # missing parents are created; the first existing one must be writable
+        parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise OutputError(f"{parent}: parent folder does not exist")
+        raise OutputError(f"{parent}: exists and is a file")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{parent}: not writable")
 
@@ -145,7 +149,7 @@ def atomic_output_dir(out: str, force: bool = False, fsync: bool = False) -> Ite
     parent, base = os.path.split(out)
     tmp = os.path.join(parent, f".{base}.upcycle-tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    os.makedirs(tmp)  # with any missing parents
     try:
         yield tmp
         if fsync:
