@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-from conftest import save_tiny
 
 
 def assert_one_line_error(r, *words):
@@ -31,18 +30,8 @@ def test_not_a_model_directory(cli, tmp_path):
     assert_one_line_error(cli("inspect", str(tmp_path / "f.txt")), "not a model directory")
 
 
-def test_unsupported_family(cli, tmp_path):
-    src = save_tiny(
-        str(tmp_path / "g"),
-        "gemma2",
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=128,
-    )
+def test_unsupported_family(cli, tiny, tmp_path):
+    src = tiny("gemma2")
     assert_one_line_error(
         cli("convert", src, str(tmp_path / "o")), "unsupported family gemma2", "supported: llama"
     )

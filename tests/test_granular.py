@@ -111,26 +111,14 @@ def test_shapes_config_and_active_params(tiny, cli, tmp_path):
     assert info["params_total"] - info["params_active"] == 2 * (12 - 3) * per_expert
 
 
+def granular(cli, src, out, *args):
+    return cli("convert", src, out, "--method", "granular", "-q", *args)
+
+
 def test_partial_activation_is_close_but_not_exact(tiny, cli, tmp_path):
     src = tiny("llama")
     out = str(tmp_path / "moe")
-    assert (
-        cli(
-            "convert",
-            src,
-            out,
-            "--method",
-            "granular",
-            "-G",
-            "8",
-            "-k",
-            "6",
-            "--router-init",
-            "zeros",
-            "-q",
-        ).code
-        == 0
-    )
+    assert granular(cli, src, out, "-G", "8", "-k", "6", "--router-init", "zeros").code == 0
     dense, moe = logits(src, IDS), logits(out, IDS)
     diff = (dense - moe).abs().max()
     assert 1e-6 < diff < dense.abs().max()
@@ -142,21 +130,8 @@ def test_deterministic_under_seed(tiny, cli, tmp_path):
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         out = str(tmp_path / name)
         assert (
-            cli(
-                "convert",
-                src,
-                out,
-                "--method",
-                "granular",
-                "-G",
-                "8",
-                "-k",
-                "2",
-                "--partition",
-                "random",
-                "--seed",
-                seed,
-                "-q",
+            granular(
+                cli, src, out, "-G", "8", "-k", "2", "--partition", "random", "--seed", seed
             ).code
             == 0
         )
