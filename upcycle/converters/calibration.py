@@ -85,16 +85,27 @@ def collect_activations(
     return {i: LayerActivations(torch.cat(xs[i]).numpy(), torch.cat(hs[i]).numpy()) for i in layers}
 
 
-def fit_linear_router(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
+ROUTER_LOGIT_STD = 0.1
+
+
+def fit_linear_router(
+    x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, logit_std: float = ROUTER_LOGIT_STD
+) -> np.ndarray:
     """Least-squares W (P, H) with x @ W.T ~ y (MoEfication's activation-predicting router).
 
     Targets are standardized per part so every expert's logit has a comparable scale; the
-    ridge term is relative to the mean eigenvalue of x.T x.
+    ridge term is relative to the mean eigenvalue of x.T x. The fit decides the ranking of the
+    experts (which ones a token gets); the result is then scaled so that its logits have
+    standard deviation `logit_std` on x, which keeps the softmax mixing weights of the chosen
+    experts near uniform. Granular experts are scaled for uniform weights (a token gets the sum
+    of its chosen parts); with the raw fitted scale, one part could get most of the weight and
+    be counted K times over. Training then learns the scale.
     """
     x = x.astype(np.float64)
     y = y.astype(np.float64)
     y = (y - y.mean(0)) / np.maximum(y.std(0), 1e-12)
     gram = x.T @ x
     lam = ridge * np.trace(gram) / gram.shape[0]
-    w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y)  # (H, P)
-    return w.T.astype(np.float32)
+    w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y).T  # (P, H)
+    spread = float((x @ w.T).std())
+    return (w * (logit_std / max(spread, 1e-12))).astype(np.float32)

@@ -177,6 +177,9 @@ class GranularMethod:
             return np.repeat(rows, p, axis=0)
         if self.router_init == "centroid":  # mean gate row: the part's mean pre-activation
             rows = np.stack([gate[part].mean(axis=0) for part in routed])
+            # as long as random rows of --router-std: near-uniform mixing weights (see fit_linear_router)
+            norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+            rows = rows / norms * (self.router_std * np.sqrt(hidden))
         else:
             acts = self._acts[i]
             rows = fit_linear_router(acts.x, acts.part_norms(down, routed))
