@@ -10,20 +10,18 @@ headers are computed from the plan so tensors go to disk as soon as they exist.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from upcycle import __version__
 from upcycle.arch.config import source_config, target_config
 from upcycle.arch.families import FAMILIES, MOE_FAMILIES, DenseFamily, supported_families
 from upcycle.arch.shapes import expected_shapes
 from upcycle.arch.targets import TARGETS, MoETarget
+from upcycle.card import human_count, write_metadata
 from upcycle.converters import Method, make_method
 from upcycle.converters.base import MoELayer, MoELayout
 from upcycle.errors import InputError, OptionError, UnsupportedError
@@ -31,19 +29,6 @@ from upcycle.io.arrays import CONFIG_NAMES, NAMES, STORAGE, cast, nbytes_of, to_
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir, parse_size
 
-# Tokenizer and generation files copied verbatim from the source folder.
-AUX_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
@@ -115,13 +100,13 @@ class Plan:
         lines = [
             f"method   {self.options.method} — {self.method.info.summary}",
             f"source   {self.source} ({self.family.model_type}, {self.num_layers} layers, "
-            f"hidden {cfg['hidden_size']}, {_human(self.source_params)} params)",
+            f"hidden {cfg['hidden_size']}, {human_count(self.source_params)} params)",
             f"target   {self.target.architecture} ({self.target.model_type})",
             f"experts  {lay.num_experts} routed per MoE layer, top-{lay.top_k}, width {lay.expert_width}"
             + (f", shared width {lay.shared_width}" if lay.shared_width else ""),
             f"         {self.method.describe()}",
             f"layers   {len(self.moe_layers)} MoE, {dense} dense",
-            f"params   {_human(self.total_params)} total, {_human(self.active_params)} active per token",
+            f"params   {human_count(self.total_params)} total, {human_count(self.active_params)} active per token",
             f"output   {out + ': ' if out else ''}{_bytes(self.total_bytes)} in {self.num_shards} shard(s), "
             f"{CONFIG_NAMES[self.dtype]}",
         ]
@@ -133,13 +118,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _human(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
 
 
 def _bytes(n: int) -> str:
@@ -443,8 +421,8 @@ class Summary:
     def __str__(self) -> str:
         return (
             f"wrote {self.out}\n"
-            f"  {self.architecture}: {_human(self.total_params)} params, "
-            f"{_human(self.active_params)} active per token\n"
+            f"  {self.architecture}: {human_count(self.total_params)} params, "
+            f"{human_count(self.active_params)} active per token\n"
             f"  {_bytes(self.bytes_on_disk)} on disk, {self.seconds:.1f} s"
         )
 
@@ -499,7 +477,7 @@ def convert(
         except BaseException:
             writer.abort()
             raise
-        _write_metadata(plan, tmp)
+        write_metadata(plan, tmp)
         size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
     return Summary(
         os.path.abspath(out),
@@ -509,71 +487,3 @@ def convert(
         size,
         time.perf_counter() - start,
     )
-
-
-def _write_metadata(plan: Plan, folder: str) -> None:
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(plan.config, f, indent=2)
-        f.write("\n")
-    for name in AUX_FILES:
-        src = os.path.join(plan.source, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(folder, name))
-    provenance = {
-        "upcycle_version": __version__,
-        "method": plan.options.method,
-        "paper": plan.method.info.paper,
-        "exact": plan.method.info.exact,
-        "source": {
-            "path": plan.source,
-            "model_type": plan.family.model_type,
-            "params": plan.source_params,
-        },
-        "target": {"model_type": plan.target.model_type, "architecture": plan.target.architecture},
-        "moe_layers": plan.moe_layers,
-        "options": asdict(plan.options),
-    }
-    with open(os.path.join(folder, "upcycle.json"), "w") as f:
-        json.dump(provenance, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(_model_card(plan))
-
-
-def _model_card(plan: Plan) -> str:
-    opts, lay = plan.options, plan.layout
-    name = os.path.basename(plan.source.rstrip("/"))
-    return f"""---
-library_name: transformers
-tags:
-- moe
-- upcycle
-- {opts.method}-upcycling
----
-
-# {name} upcycled to {plan.target.architecture}
-
-This Mixture-of-Experts checkpoint was made from the dense `{plan.family.model_type}` model
-`{name}` by upcycle {__version__} with the `{opts.method}` method ({plan.method.info.paper}):
-{plan.method.info.summary}.
-
-| | |
-|---|---|
-| architecture | `{plan.target.architecture}` (`{plan.target.model_type}`) |
-| MoE layers | {len(plan.moe_layers)} of {plan.num_layers} |
-| experts | {lay.num_experts} per MoE layer, top-{lay.top_k}, width {lay.expert_width} |
-| method options | {plan.method.describe()} |
-| parameters | {_human(plan.total_params)} total, {_human(plan.active_params)} active per token |
-| dtype | {CONFIG_NAMES[plan.dtype]} |
-| seed | {opts.seed} |
-
-When it equals the dense model before training: {plan.method.info.exact}.
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-```
-
-The exact options are in `upcycle.json`.
-"""
