@@ -4,10 +4,13 @@ The oracle for a token is the set of top-k experts with the largest outputs ||ex
 the experts that matter most for the layer's output. For each MoE layer, in order, we take the
 router inputs x the model actually produces (upstream layers already calibrated), compute every
 expert's output norm, and fit the router by ridge regression to predict the standardized norms
-(as MoEfication's activation router does; closed form, seconds per layer). One forward pass
-over all calibration tokens does every layer: a hook on each MoE block fits its router before
-the block runs. The checkpoint is then rewritten with the new router weights, every other
-tensor copied byte for byte.
+(as MoEfication's activation router does; closed form, seconds per layer); a layer whose
+existing router already picks more of the oracle's experts keeps it. The pass
+goes layer by layer over one block of tokens at a time: the hidden states of all calibration
+tokens are kept between layers (tokens x hidden floats), each MoE layer's router inputs are
+gathered, its router is fitted, and only then does the layer run for real. Memory is the model
+plus those hidden states, whatever the number of tokens. The checkpoint is then rewritten with
+the new router weights, every other tensor copied byte for byte.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -55,6 +59,54 @@ def expert_output_norms(experts, x):
             y = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
             out.append(y.norm(dim=-1))
     return torch.stack(out, dim=1)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once its input is captured."""
+
+
+def _input_of(module, run):
+    """The first input `module` receives while run() executes; the pass stops right there."""
+    seen = []
+
+    def hook(_m, inputs, kw):
+        seen.append(inputs[0] if inputs else kw["hidden_states"])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _layer_kwargs(model, ids) -> dict[int, tuple[tuple, dict]]:
+    """Each decoder layer's extra arguments (masks, rotary embeddings) for blocks shaped like ids."""
+    found: dict[int, tuple[tuple, dict]] = {}
+
+    def hook(i):
+        def fn(_m, inputs, kw):
+            found[i] = (tuple(inputs[1:]), dict(kw))
+
+        return fn
+
+    handles = [
+        layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 def calibrate(
@@ -105,29 +157,35 @@ def calibrate(
         total=len(moe), desc="calibrating", unit="layer", disable=not progress, file=sys.stderr
     )
 
-    def fit(i):
-        def hook(block, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            norms = expert_output_norms(block.experts, x).numpy()
-            xs = x.numpy()
-            before = topk_overlap(xs @ block.gate.weight.detach().numpy().T, norms, top_k)
-            w = fit_linear_router(xs, norms, ridge=ridge)
-            block.gate.weight.data.copy_(torch.from_numpy(w))
-            reports.append(LayerReport(i, before, topk_overlap(xs @ w.T, norms, top_k)))
-            routers[i] = w
-            bar.update()
-
-        return hook
-
-    handles = [block.register_forward_pre_hook(fit(i)) for i, block in moe]
     log(f"fitting {len(moe)} routers on {blocks.numel()} tokens ...")
-    try:
-        with torch.no_grad():
-            model(input_ids=blocks)
-    finally:
-        for h in handles:
-            h.remove()
-        bar.close()
+    with torch.no_grad():
+        layers = model.model.layers
+        kwargs = _layer_kwargs(model, blocks[:1])
+        hidden = [
+            _input_of(layers[0], partial(model, input_ids=blocks[b : b + 1], use_cache=False))
+            for b in range(blocks.shape[0])
+        ]
+        for i, layer in enumerate(layers):
+            args, kw = kwargs[i]
+            if hasattr(layer.mlp, "experts"):
+                block = layer.mlp
+                x = torch.cat([_input_of(block, partial(layer, h, *args, **kw)) for h in hidden])
+                x = x.reshape(-1, x.shape[-1])
+                norms = expert_output_norms(block.experts, x).numpy()
+                xs = x.numpy()
+                before = topk_overlap(xs @ block.gate.weight.detach().numpy().T, norms, top_k)
+                w = fit_linear_router(xs, norms, ridge=ridge)
+                after = topk_overlap(xs @ w.T, norms, top_k)
+                if (
+                    after < before
+                ):  # the fit ranks worse than the router it would replace: keep that
+                    w, after = block.gate.weight.detach().numpy().copy(), before
+                block.gate.weight.data.copy_(torch.from_numpy(w))
+                reports.append(LayerReport(i, before, after))
+                routers[i] = w
+                bar.update()
+            hidden = [_output(layer(h, *args, **kw)) for h in hidden]
+    bar.close()
     del model
     _write(ckpt, target, routers, out, force, reports, texts_tokens=int(blocks.numel()))
     log(f"calibrated {len(reports)} routers in {time.perf_counter() - start:.1f} s")
