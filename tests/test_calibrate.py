@@ -82,3 +82,53 @@ def test_fitted_router_ranks_by_fit_and_mixes_near_uniformly():
     assert topk_overlap(logits, y, 2) > 0.9  # the ranking comes from the fit
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert probs.max() < 2.5 / 6  # no expert takes most of the weight
+
+
+def test_large_models_are_calibrated_in_their_own_dtype(tmp_path, cli, monkeypatch):
+    """Past the fp32 size limit, statistics come from the checkpoint's dtype (bf16 here).
+
+    G=4: bf16 grouped matmuls on CPU need expert widths of a multiple of 8 (96 / 4 = 24).
+    """
+    from upcycle.converters import calibration
+
+    monkeypatch.setattr(calibration, "FP32_LIMIT_BYTES", 0)
+    src = save_tiny(str(tmp_path / "src"), "llama", tokenizer=True)
+    moe, out = str(tmp_path / "moe"), str(tmp_path / "cal")
+    data = _corpus(tmp_path / "data.txt")
+    r = cli(
+        "convert",
+        src,
+        moe,
+        "--method",
+        "granular",
+        "-G",
+        "4",
+        "-k",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--partition",
+        "coactivation",
+        "--router-init",
+        "activation",
+        "--calibration-data",
+        data,
+        "-q",
+    )
+    assert r.code == 0, r
+    assert calibration.load_for_calibration(moe).dtype == torch.bfloat16
+    r = cli(
+        "calibrate",
+        moe,
+        out,
+        "--data",
+        data,
+        "--max-tokens",
+        "1024",
+        "--seq-len",
+        "64",
+        "--json",
+        "-q",
+    )
+    assert r.code == 0, r
+    assert all(0 <= x["oracle_overlap_after"] <= 1 for x in json.loads(r.out))

@@ -26,7 +26,7 @@ from functools import partial
 import numpy as np
 
 from upcycle.arch.targets import TARGETS
-from upcycle.converters.calibration import fit_linear_router
+from upcycle.converters.calibration import fit_linear_router, load_for_calibration
 from upcycle.errors import InputError, OptionError
 from upcycle.io.arrays import from_torch
 from upcycle.io.checkpoint import INDEX, SINGLE, Checkpoint
@@ -135,13 +135,13 @@ def calibrate(
         raise OptionError("--ridge must be positive")
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from upcycle.data import token_blocks
 
     start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(ckpt.path)
-    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    model = load_for_calibration(ckpt.path)
     blocks = token_blocks(texts, tok, seq_len=seq_len, max_tokens=max_tokens)
     moe = [
         (i, layer.mlp)
@@ -171,15 +171,16 @@ def calibrate(
                 block = layer.mlp
                 x = torch.cat([_input_of(block, partial(layer, h, *args, **kw)) for h in hidden])
                 x = x.reshape(-1, x.shape[-1])
-                norms = expert_output_norms(block.experts, x).numpy()
-                xs = x.numpy()
-                before = topk_overlap(xs @ block.gate.weight.detach().numpy().T, norms, top_k)
+                norms = expert_output_norms(block.experts, x).float().numpy()
+                xs = x.float().numpy()
+                old = block.gate.weight.detach().float().numpy()
+                before = topk_overlap(xs @ old.T, norms, top_k)
                 w = fit_linear_router(xs, norms, ridge=ridge)
                 after = topk_overlap(xs @ w.T, norms, top_k)
                 if (
                     after < before
                 ):  # the fit ranks worse than the router it would replace: keep that
-                    w, after = block.gate.weight.detach().numpy().copy(), before
+                    w, after = old.copy(), before
                 block.gate.weight.data.copy_(torch.from_numpy(w))
                 reports.append(LayerReport(i, before, after))
                 routers[i] = w

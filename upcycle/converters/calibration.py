@@ -36,6 +36,26 @@ class LayerActivations:
         return np.stack([np.linalg.norm(h[:, p] @ down[:, p].T, axis=1) for p in parts], axis=1)
 
 
+FP32_LIMIT_BYTES = (
+    8e9  # models whose fp32 weights fit in this run in fp32; larger ones in their own dtype
+)
+
+
+def load_for_calibration(model_dir: str):
+    """The model for computing statistics on CPU: fp32 while its fp32 weights stay under
+    FP32_LIMIT_BYTES (the default model: 0.5 GB), else in the checkpoint's dtype, so a 7B model
+    needs 14 GB in bf16 instead of 28 GB. Statistics are gathered in fp32 either way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.io.checkpoint import Checkpoint
+
+    small = Checkpoint(model_dir).num_params() * 4 <= FP32_LIMIT_BYTES
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32 if small else "auto"
+    ).eval()
+
+
 def collect_activations(
     model_dir: str,
     texts: list[str],
@@ -47,12 +67,12 @@ def collect_activations(
 ) -> dict[int, LayerActivations]:
     """Run the dense model on `texts` and keep each listed layer's FFN input and hidden activation."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from upcycle.data import token_blocks
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_for_calibration(model_dir)
     blocks = token_blocks(texts, tok, seq_len=seq_len, max_tokens=max_tokens)
     if log:
         log(f"collecting activations on {blocks.numel()} calibration tokens ...")
@@ -64,7 +84,7 @@ def collect_activations(
         handles.append(
             mlp.register_forward_pre_hook(
                 lambda _m, args, i=i: xs[i].append(
-                    args[0].detach().reshape(-1, args[0].shape[-1]).clone()
+                    args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32, copy=True)
                 )
             )
         )

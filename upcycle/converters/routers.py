@@ -40,21 +40,22 @@ def hidden_state_means(
     """Mean hidden state at each router's input (the output of post_attention_layernorm).
 
     Returns {layer: (E, H)} for the given prompt sets, one set per expert. The dense model runs
-    in fp32 on the CPU; this loads the whole model once.
+    on the CPU (see load_for_calibration for the dtype); this loads the whole model once.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from upcycle.converters.calibration import load_for_calibration
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    model = load_for_calibration(model_dir)
     hidden = model.config.hidden_size
     sums = {i: torch.zeros(len(prompt_sets), hidden, dtype=torch.float64) for i in layers}
     current: list[int] = [0]
 
     def hook(i):
         def fn(_module, _inp, out):
-            sums[i][current[0]] += out.detach().reshape(-1, hidden).sum(0).double()
+            sums[i][current[0]] += out.detach().reshape(-1, hidden).double().sum(0)
 
         return fn
 
