@@ -75,10 +75,10 @@ def test_fitted_router_ranks_by_fit_and_mixes_near_uniformly():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 16)).astype(np.float32)
     true = rng.standard_normal((6, 16))
-    y = x @ true.T + 0.01 * rng.standard_normal((500, 6))
-    w = fit_linear_router(x, y, logit_std=0.1)
+    y = np.exp(0.3 * (x @ true.T) + 0.01 * rng.standard_normal((500, 6)))  # positive sizes
+    w = fit_linear_router(x, y, logit_std=0.1)  # any spread; the default is smaller
     logits = x @ w.T
-    assert abs(logits.std() - 0.1) < 1e-3
+    assert abs((logits - logits.mean(1, keepdims=True)).std() - 0.1) < 1e-3
     assert topk_overlap(logits, y, 2) > 0.9  # the ranking comes from the fit
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert probs.max() < 2.5 / 6  # no expert takes most of the weight

@@ -3,7 +3,7 @@
 The oracle for a token is the set of top-k experts with the largest outputs ||expert_e(x)||:
 the experts that matter most for the layer's output. For each MoE layer, in order, we take the
 router inputs x the model actually produces (upstream layers already calibrated), compute every
-expert's output norm, and fit the router by ridge regression to predict the standardized norms
+expert's output norm, and fit the router by ridge regression to predict the log norms
 (as MoEfication's activation router does; closed form, seconds per layer); a layer whose
 existing router already picks more of the oracle's experts keeps it. The pass
 goes layer by layer over one block of tokens at a time: the hidden states of all calibration
@@ -116,7 +116,7 @@ def calibrate(
     *,
     max_tokens: int = 4096,
     seq_len: int = 256,
-    ridge: float = 1e-2,
+    ridge: float = 0.1,
     force: bool = False,
     progress: bool = True,
     log=None,

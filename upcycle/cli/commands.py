@@ -185,9 +185,7 @@ def fetch_default(force):
 @click.option("--data", required=True, help="Calibration text: a text or JSONL file, or builtin.")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Calibration tokens.")
 @click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option(
-    "--ridge", type=float, default=1e-2, show_default=True, help="Relative ridge penalty."
-)
+@click.option("--ridge", type=float, default=0.1, show_default=True, help="Relative ridge penalty.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="Per-layer report as JSON.")
 @click.option("--quiet", "-q", is_flag=True)

@@ -105,27 +105,33 @@ def collect_activations(
     return {i: LayerActivations(torch.cat(xs[i]).numpy(), torch.cat(hs[i]).numpy()) for i in layers}
 
 
-ROUTER_LOGIT_STD = 0.1
+ROUTER_LOGIT_STD = 1e-3
 
 
 def fit_linear_router(
-    x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, logit_std: float = ROUTER_LOGIT_STD
+    x: np.ndarray, y: np.ndarray, ridge: float = 0.1, logit_std: float = ROUTER_LOGIT_STD
 ) -> np.ndarray:
-    """Least-squares W (P, H) with x @ W.T ~ y (MoEfication's activation-predicting router).
+    """Least-squares W (P, H) with x @ W.T ~ log(y) (MoEfication's activation-predicting router).
 
-    Targets are standardized per part so every expert's logit has a comparable scale; the
-    ridge term is relative to the mean eigenvalue of x.T x. The fit decides the ranking of the
-    experts (which ones a token gets); the result is then scaled so that its logits have
-    standard deviation `logit_std` on x, which keeps the softmax mixing weights of the chosen
-    experts near uniform. Granular experts are scaled for uniform weights (a token gets the sum
-    of its chosen parts); with the raw fitted scale, one part could get most of the weight and
-    be counted K times over. Training then learns the scale.
+    y holds positive sizes (each part's output norm per token), and what matters is their
+    ranking within a token. A linear model fits their logarithm best: on the default model,
+    ranking by the fitted log norms picks 4-6 points more of each token's top-k on held-out text
+    than fitting the norms standardized per part. The ridge term is relative to the mean
+    eigenvalue of x.T x. The fit decides the ranking of the experts (which ones a token gets);
+    the result is then scaled so that its logits spread by `logit_std` across experts on x, which
+    keeps the softmax mixing weights of the chosen experts near uniform. Granular experts are
+    scaled for uniform weights (a token gets the sum of its chosen parts); with the raw fitted
+    scale, one part could get most of the weight and be counted K times over. The default
+    spread is tiny (1e-3) because a few tokens (the first of a sequence, for one) reach the
+    router with inputs orders of magnitude larger than the rest: with a spread of 0.1 on
+    average, those tokens still got peaked weights, and perplexity doubled (default model,
+    G=64: 53.5 against 28.3 on 2048 tokens). Training then learns the scale.
     """
     x = x.astype(np.float64)
-    y = y.astype(np.float64)
-    y = (y - y.mean(0)) / np.maximum(y.std(0), 1e-12)
+    y = np.log(np.maximum(y.astype(np.float64), 1e-12))
     gram = x.T @ x
     lam = ridge * np.trace(gram) / gram.shape[0]
     w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y).T  # (P, H)
-    spread = float((x @ w.T).std())
+    logits = x @ w.T
+    spread = float((logits - logits.mean(axis=1, keepdims=True)).std())  # what softmax sees
     return (w * (logit_std / max(spread, 1e-12))).astype(np.float32)
