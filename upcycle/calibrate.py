@@ -114,7 +114,7 @@ def calibrate(
     out: str,
     texts: list[str],
     *,
-    max_tokens: int = 4096,
+    max_tokens: int = 32768,
     seq_len: int = 256,
     ridge: float = 0.1,
     force: bool = False,
