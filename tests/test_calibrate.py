@@ -22,18 +22,9 @@ def _corpus(path, n=300, seed=0):
     return str(path)
 
 
-def test_topk_overlap():
-    logits = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
-    norms = np.array([[9.0, 1.0, 8.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
-    assert topk_overlap(logits, norms, 2) == 0.75
-
-
-def test_calibrate_moves_routers_toward_the_oracle(tmp_path, cli):
-    src = save_tiny(str(tmp_path / "src"), "llama", tokenizer=True)
-    moe, out = str(tmp_path / "moe"), str(tmp_path / "cal")
-    assert cli("convert", src, moe, "--method", "granular", "-G", "8", "-k", "2", "-q").code == 0
-    data = _corpus(tmp_path / "data.txt")
-    r = cli(
+def calibrate_small(cli, moe, out, data):
+    """A quick calibration: 1024 tokens in blocks of 64, per-layer report as JSON."""
+    return cli(
         "calibrate",
         moe,
         out,
@@ -46,6 +37,20 @@ def test_calibrate_moves_routers_toward_the_oracle(tmp_path, cli):
         "--json",
         "-q",
     )
+
+
+def test_topk_overlap():
+    logits = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    norms = np.array([[9.0, 1.0, 8.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    assert topk_overlap(logits, norms, 2) == 0.75
+
+
+def test_calibrate_moves_routers_toward_the_oracle(tmp_path, cli):
+    src = save_tiny(str(tmp_path / "src"), "llama", tokenizer=True)
+    moe, out = str(tmp_path / "moe"), str(tmp_path / "cal")
+    assert cli("convert", src, moe, "--method", "granular", "-G", "8", "-k", "2", "-q").code == 0
+    data = _corpus(tmp_path / "data.txt")
+    r = calibrate_small(cli, moe, out, data)
     assert r.code == 0, r
     reports = json.loads(r.out)
     assert len(reports) == 2
@@ -117,18 +122,6 @@ def test_large_models_are_calibrated_in_their_own_dtype(tmp_path, cli, monkeypat
     )
     assert r.code == 0, r
     assert calibration.load_for_calibration(moe).dtype == torch.bfloat16
-    r = cli(
-        "calibrate",
-        moe,
-        out,
-        "--data",
-        data,
-        "--max-tokens",
-        "1024",
-        "--seq-len",
-        "64",
-        "--json",
-        "-q",
-    )
+    r = calibrate_small(cli, moe, out, data)
     assert r.code == 0, r
     assert all(0 <= x["oracle_overlap_after"] <= 1 for x in json.loads(r.out))
