@@ -149,8 +149,8 @@ def atomic_output_dir(out: str, force: bool = False, fsync: bool = False) -> Ite
     parent, base = os.path.split(out)
     tmp = os.path.join(parent, f".{base}.upcycle-tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)  # with any missing parents
-    try:
+    try:  # created inside the try: a Ctrl-C right after mkdir must still remove it
+        os.makedirs(tmp)  # with any missing parents
         yield tmp
         if fsync:
             _fsync_dir(tmp)
