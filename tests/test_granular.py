@@ -25,6 +25,10 @@ EXACT = [
 ]
 
 
+def granular(cli, src, out, *args):
+    return cli("convert", src, out, "--method", "granular", "-q", *args)
+
+
 @pytest.mark.parametrize("family,extra,arch", EXACT, ids=[f"{c[0]}{''.join(c[1])}" for c in EXACT])
 def test_full_activation_with_uniform_router_is_exact(tiny, cli, tmp_path, family, extra, arch):
     src = tiny(family)
@@ -32,19 +36,7 @@ def test_full_activation_with_uniform_router_is_exact(tiny, cli, tmp_path, famil
     g = int(extra[extra.index("-G") + 1])
     s = int(extra[extra.index("-S") + 1]) if "-S" in extra else 0
     e = int(extra[extra.index("-E") + 1]) if "-E" in extra else g - s
-    r = cli(
-        "convert",
-        src,
-        out,
-        "--method",
-        "granular",
-        "--router-init",
-        "zeros",
-        "-k",
-        str(e),
-        "-q",
-        *extra,
-    )
+    r = granular(cli, src, out, "--router-init", "zeros", "-k", str(e), *extra)
     assert r.code == 0, r
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == arch
@@ -54,20 +46,7 @@ def test_full_activation_with_uniform_router_is_exact(tiny, cli, tmp_path, famil
 def test_virtual_group_router_with_one_group_is_exact(tiny, cli, tmp_path):
     src = tiny("llama")
     out = str(tmp_path / "moe")
-    r = cli(
-        "convert",
-        src,
-        out,
-        "--method",
-        "granular",
-        "-G",
-        "8",
-        "-k",
-        "8",
-        "--router-init",
-        "virtual-group",
-        "-q",
-    )
+    r = granular(cli, src, out, "-G", "8", "-k", "8", "--router-init", "virtual-group")
     assert r.code == 0, r
     torch.testing.assert_close(logits(out, IDS), logits(src, IDS), atol=1e-5, rtol=0)
 
@@ -109,10 +88,6 @@ def test_shapes_config_and_active_params(tiny, cli, tmp_path):
     info = json.loads(cli("inspect", out, "--json").out)
     per_expert = 3 * 12 * 64
     assert info["params_total"] - info["params_active"] == 2 * (12 - 3) * per_expert
-
-
-def granular(cli, src, out, *args):
-    return cli("convert", src, out, "--method", "granular", "-q", *args)
 
 
 def test_partial_activation_is_close_but_not_exact(tiny, cli, tmp_path):
