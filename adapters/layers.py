@@ -1,0 +1,201 @@
+"""MixLoRA layers: LoRA experts with a top-k router on a frozen FFN, plain LoRA on linears.
+
+Both are peft tuner layers (`BaseTunerLayer`): the wrapped module is `base_layer`, adapter
+tensors live in containers keyed by adapter name, so peft's generic save, load, freeze and
+`disable_adapter()` work on them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from upcycle.kernels.reference import balance_loss, routed_lora_ffn, top_k_routing, z_loss
+
+ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+def is_gated_ffn(module: nn.Module) -> bool:
+    """A Llama/Mistral/Qwen-style MLP: gate_proj, up_proj, down_proj linears and an act_fn."""
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ROLES) and callable(
+        getattr(module, "act_fn", None)
+    )
+
+
+class LoraExperts(nn.Module):
+    """Stacked LoRA factors of E experts: {role}_A (E, r, in) and {role}_B (E, out, r)."""
+
+    def __init__(self, num_experts: int, r: int, dims: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.roles = tuple(dims)
+        for role, (fan_in, fan_out) in dims.items():
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init (kaiming, a=sqrt(5))
+            a = torch.empty(num_experts, r, fan_in).uniform_(-bound, bound)
+            self.register_parameter(f"{role}_A", nn.Parameter(a))
+            self.register_parameter(f"{role}_B", nn.Parameter(torch.zeros(num_experts, fan_out, r)))
+
+    def pairs(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {
+            role: (getattr(self, f"{role}_A").to(dtype), getattr(self, f"{role}_B").to(dtype))
+            for role in self.roles
+        }
+
+
+class MixLoraFFN(nn.Module, BaseTunerLayer):
+    """A frozen gated FFN turned into E routed LoRA experts (copy or granular expert views)."""
+
+    adapter_layer_names = ("mixlora_router", "mixlora_experts")
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+        super().__init__()
+        for name in ROLES:
+            if getattr(base_layer, name).bias is not None:
+                raise ValueError(f"MixLoRA needs bias-free FFN projections ({name} has a bias)")
+        self.base_layer = base_layer
+        self.mixlora_router = nn.ModuleDict()
+        self.mixlora_experts = nn.ModuleDict()
+        self.mixlora_dropout = nn.ModuleDict()
+        self.settings: dict[str, dict] = {}
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.aux_loss: torch.Tensor | None = None
+        self.update_layer(adapter_name, config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base_layer.gate_proj.in_features
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.base_layer.gate_proj.out_features
+
+    def update_layer(self, adapter_name: str, config) -> None:
+        H, inter = self.hidden_size, self.intermediate_size
+        E = config.num_experts
+        if config.expert_view == "granular":
+            if inter % config.granularity:
+                raise ValueError(
+                    f"granularity {config.granularity} does not divide the FFN width {inter}"
+                )
+            width = inter // config.granularity
+            slices = [
+                ((e % config.granularity) * width, (e % config.granularity + 1) * width)
+                for e in range(E)
+            ]
+            expert_scale = config.top_k / (E // config.granularity)
+        else:
+            width, slices, expert_scale = inter, None, 1.0
+        dims = {"gate": (H, width), "up": (H, width), "down": (width, H)}
+        roles = [ROLES[m] for m in ROLES if m in config.target_modules]
+        router = nn.Linear(H, E, bias=False, dtype=torch.float32)
+        nn.init.normal_(router.weight, std=config.router_init_std)
+        self.mixlora_router[adapter_name] = router
+        self.mixlora_experts[adapter_name] = LoraExperts(E, config.r, {r: dims[r] for r in roles})
+        p = config.lora_dropout
+        self.mixlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.settings[adapter_name] = dict(
+            num_experts=E,
+            top_k=config.top_k,
+            scaling=config.lora_alpha / config.r,
+            aux=config.router_aux_loss_coef,
+            z=config.router_z_loss_coef,
+            jitter=config.jitter_noise,
+            slices=slices,
+            expert_scale=expert_scale,
+        )
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+
+    def route(self, x: torch.Tensor, adapter_name: str):
+        """(weights, expert ids, router logits) for tokens x (T, H); logits in fp32."""
+        s = self.settings[adapter_name]
+        router = self.mixlora_router[adapter_name]
+        h = x.to(router.weight.dtype)  # fp32 (or wider): routing decisions must not flip in bf16
+        if self.training and s["jitter"] > 0:  # jitter the router's input only
+            h = h * torch.empty_like(h).uniform_(1.0 - s["jitter"], 1.0 + s["jitter"])
+        logits = router(h)
+        weights, ids, probs = top_k_routing(logits, s["top_k"])
+        if self.training and (s["aux"] or s["z"]):
+            aux = s["aux"] * balance_loss(probs, ids, s["num_experts"])
+            if s["z"]:
+                aux = aux + s["z"] * z_loss(logits)
+            self.aux_loss = aux
+        return weights, ids, logits
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        name = self.active_adapters[0]
+        s = self.settings[name]
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        weights, ids, _ = self.route(h, name)
+        base = self.base_layer
+        y = routed_lora_ffn(
+            h,
+            base.gate_proj.weight,
+            base.up_proj.weight,
+            base.down_proj.weight,
+            base.act_fn,
+            weights,
+            ids,
+            s["num_experts"],
+            self.mixlora_experts[name].pairs(h.dtype),
+            s["scaling"],
+            slices=s["slices"],
+            expert_scale=s["expert_scale"],
+            dropout=self.mixlora_dropout[name],
+        )
+        return y.reshape(shape)
+
+    def merge(self, *args, **kwargs) -> None:
+        raise ValueError("MixLoRA experts cannot merge into one dense FFN; use `upcycle merge`")
+
+
+class LoraLinear(nn.Module, BaseTunerLayer):
+    """Plain LoRA on a linear layer: y = base(x) + (alpha / r) * B(A(dropout(x)))."""
+
+    adapter_layer_names = ("mixlora_A", "mixlora_B")
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.mixlora_A = nn.ModuleDict()
+        self.mixlora_B = nn.ModuleDict()
+        self.mixlora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config) -> None:
+        base = self.base_layer
+        a = nn.Linear(base.in_features, config.r, bias=False, dtype=torch.float32)
+        b = nn.Linear(config.r, base.out_features, bias=False, dtype=torch.float32)
+        nn.init.zeros_(b.weight)
+        self.mixlora_A[adapter_name] = a
+        self.mixlora_B[adapter_name] = b
+        p = config.lora_dropout
+        self.mixlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.scaling[adapter_name] = config.lora_alpha / config.r
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return y
+        for name in self.active_adapters:
+            a = self.mixlora_A[name].weight.to(x.dtype)
+            b = self.mixlora_B[name].weight.to(x.dtype)
+            d = F.linear(F.linear(self.mixlora_dropout[name](x), a), b)
+            y = y + self.scaling[name] * d
+        return y
+
+    def merge(self, *args, **kwargs) -> None:
+        raise ValueError("merge MixLoRA models with `upcycle merge`")

@@ -1,0 +1,132 @@
+"""Torch reference for routed LoRA experts over one shared frozen FFN (CPU and CUDA).
+
+A MixLoRA-style layer has E experts that all share the frozen FFN weights (or disjoint slices
+of them) and differ only by LoRA deltas. Computing each expert separately would run the base
+projections K times per token. Here the base gate/up projections run once for all tokens, and
+because the down projection is linear, the base down projection runs once on the
+gate-weighted sum of the experts' activations. Only the LoRA deltas run per expert, on tokens
+sorted by expert once and reused by every projection, always as `(x @ A_e^T) @ B_e^T`
+(never `W + B A`).
+
+Shapes: x (T, H); gate_w, up_w (I, H); down_w (H, I); routing weights and expert ids (T, K);
+LoRA A stacks (E, r, in) and B stacks (E, out, r), in peft's orientation (delta W = B A).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+LoraPair = tuple[torch.Tensor, torch.Tensor]
+
+
+def sort_by_expert(experts: torch.Tensor, num_experts: int):
+    """Flattened (token, slot) pairs sorted by expert: (order, token index, per-expert counts)."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens = order // experts.shape[1]
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, tokens, counts
+
+
+def _segment_lora(xs: torch.Tensor, counts: list[int], pair: LoraPair) -> torch.Tensor:
+    """Per-expert (x_e @ A_e^T) @ B_e^T over token segments of xs, concatenated in order."""
+    a, b = pair
+    parts = [(seg @ a[e].t()) @ b[e].t() for e, seg in enumerate(xs.split(counts))]
+    return torch.cat(parts)
+
+
+def routed_lora_ffn(
+    x: torch.Tensor,
+    gate_w: torch.Tensor,
+    up_w: torch.Tensor,
+    down_w: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    num_experts: int,
+    lora: dict[str, LoraPair],
+    scaling: float,
+    *,
+    slices: list[tuple[int, int]] | None = None,
+    expert_scale: float = 1.0,
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_scale * FFN_{experts[t, k]}(x[t]) for every token t.
+
+    FFN_e uses the base weights restricted to slices[e] (all neurons when slices is None) plus
+    the LoRA deltas in `lora` ("gate", "up", "down": (A, B) stacks; missing roles get none).
+    `dropout` is applied to LoRA inputs only.
+    """
+    drop = dropout or (lambda t: t)
+    T = x.shape[0]
+    order, tokens, counts = sort_by_expert(experts, num_experts)
+    w = (weights.reshape(-1)[order] * expert_scale).to(x.dtype).unsqueeze(-1)
+    g = F.linear(x, gate_w)
+    u = F.linear(x, up_w)
+    xs = x[tokens]
+    xd = drop(xs) if ("gate" in lora or "up" in lora) else xs
+    if slices is None:
+        gs, us = g[tokens], u[tokens]
+        if "gate" in lora:
+            gs = gs + scaling * _segment_lora(xd, counts, lora["gate"])
+        if "up" in lora:
+            us = us + scaling * _segment_lora(xd, counts, lora["up"])
+        hs = act(gs) * us
+        mixed = x.new_zeros(T, g.shape[1]).index_add(0, tokens, hs * w)
+        y = F.linear(mixed, down_w)
+        if "down" in lora:
+            dd = _segment_lora(drop(hs), counts, lora["down"])
+            y = y.index_add(0, tokens, scaling * dd * w)
+        return y
+    # granular view: expert e owns neurons slices[e]; each sorted row is zero outside them
+    spread = x.new_zeros(tokens.shape[0], g.shape[1])
+    deltas = []
+    start = 0
+    for e, n in enumerate(counts):
+        rows = tokens[start : start + n]
+        lo, hi = slices[e]
+        ge, ue = g[rows, lo:hi], u[rows, lo:hi]
+        xe = xd[start : start + n]
+        if "gate" in lora:
+            a, b = lora["gate"]
+            ge = ge + scaling * ((xe @ a[e].t()) @ b[e].t())
+        if "up" in lora:
+            a, b = lora["up"]
+            ue = ue + scaling * ((xe @ a[e].t()) @ b[e].t())
+        he = act(ge) * ue
+        we = w[start : start + n]
+        spread[start : start + n, lo:hi] = he * we
+        if "down" in lora:
+            a, b = lora["down"]
+            deltas.append(scaling * ((drop(he) @ a[e].t()) @ b[e].t()) * we)
+        start += n
+    y = F.linear(x.new_zeros(T, g.shape[1]).index_add(0, tokens, spread), down_w)
+    if deltas:
+        y = y.index_add(0, tokens, torch.cat(deltas))
+    return y
+
+
+def top_k_routing(logits: torch.Tensor, top_k: int):
+    """Mixtral routing: softmax over experts (fp32), top-k, renormalized. (weights, ids, probs)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids, probs
+
+
+def balance_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch/Mixtral load-balance loss E * sum_e f_e * P_e (1.0 when perfectly balanced).
+
+    f_e: fraction of routed slots that went to expert e; P_e: mean router probability of e.
+    """
+    counts = torch.bincount(ids.reshape(-1), minlength=num_experts).to(probs.dtype)
+    f = counts / ids.numel()
+    return num_experts * torch.sum(f * probs.mean(dim=0))
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-sum-exp of the router logits."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
