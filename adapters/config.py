@@ -42,6 +42,9 @@ class MixLoraConfig(PeftConfig):
     layers_to_transform: list[int] | None = field(
         default=None, metadata={"help": "decoder layers to adapt (default: all)"}
     )
+    base_fingerprint: str | None = field(
+        default=None, metadata={"help": "set when attached: identifies the base model"}
+    )
     bias: str = field(default="none", metadata={"help": "kept for peft; only 'none'"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "unused"})
 

@@ -41,6 +41,16 @@ class MixLoraModel(BaseTuner):
                 f"the base is already an MoE model ({model_type}); put LoRA on its experts "
                 "with the experts-lora adapter instead"
             )
+        from upcycle.adapters.fingerprint import model_fingerprint
+
+        fingerprint = model_fingerprint(model)
+        if config.base_fingerprint is None:
+            config.base_fingerprint = fingerprint
+        elif config.base_fingerprint != fingerprint:
+            raise ValueError(
+                "this MixLoRA adapter was trained on another base model "
+                f"(fingerprint {config.base_fingerprint}, this model's is {fingerprint})"
+            )
         if any(isinstance(m, self.tuner_layer_cls) for m in model.modules()):
             raise ValueError("the model already has a MixLoRA adapter (one per model)")
         layers = set(config.layers_to_transform) if config.layers_to_transform else None

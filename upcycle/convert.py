@@ -260,10 +260,20 @@ def _check_target(
     return [rel for rel in target.zero_fill if rel not in present]
 
 
-def plan_conversion(source: str, opts: ConvertOptions) -> Plan:
-    """Validate everything that can be checked without reading weights, and plan the output."""
-    method = make_method(opts)
-    ckpt = Checkpoint(source)
+def plan_conversion(
+    source: str,
+    opts: ConvertOptions,
+    *,
+    method: Method | None = None,
+    ckpt: Checkpoint | None = None,
+) -> Plan:
+    """Validate everything that can be checked without reading weights, and plan the output.
+
+    `method` and `ckpt` replace the method named in opts and the plain reader of `source`
+    (`upcycle merge` passes its adapter-folding method and a reader that adds LoRA deltas).
+    """
+    method = method or make_method(opts)
+    ckpt = ckpt or Checkpoint(source)
     family = _family_of(ckpt)
     src_cfg = source_config(family.model_type, ckpt.config)
     num_layers = src_cfg["num_hidden_layers"]
@@ -436,6 +446,8 @@ def convert(
     progress: bool = True,
     fsync: bool = False,
     log=None,
+    method: Method | None = None,
+    ckpt: Checkpoint | None = None,
 ) -> Summary:
     """Convert the dense checkpoint at `source` into an MoE checkpoint at `out`.
 
@@ -445,8 +457,8 @@ def convert(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
     check_output_dir(out, force)
-    plan = plan_conversion(source, opts)
-    ckpt = Checkpoint(plan.source)
+    plan = plan_conversion(source, opts, method=method, ckpt=ckpt)
+    ckpt = ckpt or Checkpoint(plan.source)
     plan.method.prepare(plan.source, plan.moe_layers, log)
     from tqdm.auto import tqdm
 

@@ -94,4 +94,4 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-from upcycle.cli import commands, evaluate  # noqa: E402,F401  (register the commands)
+from upcycle.cli import commands, evaluate, train  # noqa: E402,F401  (register the commands)

@@ -183,7 +183,9 @@ def fetch_default(force):
 @click.argument("out")
 @config_option
 @click.option("--data", required=True, help="Calibration text: a text or JSONL file, or builtin.")
-@click.option("--max-tokens", type=int, default=32768, show_default=True, help="Calibration tokens.")
+@click.option(
+    "--max-tokens", type=int, default=32768, show_default=True, help="Calibration tokens."
+)
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--ridge", type=float, default=0.1, show_default=True, help="Relative ridge penalty.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")

@@ -1,0 +1,407 @@
+"""Fold a trained adapter into a standalone checkpoint that stock transformers loads.
+
+    MixLoRA run   -> stock MoE (mixtral for llama/mistral, qwen2_moe/qwen3_moe for qwen):
+                     expert e = base FFN (or its slice) + expert e's LoRA deltas,
+                     router   = the adapter's router (same softmax -> top-k -> renormalize),
+                     attention LoRA added into the base projections.
+    LoRA run      -> the merged dense model (W + (alpha/r) B A), same architecture.
+
+Weights stream one decoder layer at a time through the converter's writer, so memory stays
+at about one layer whatever the model size; the output folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from upcycle.converters.base import MethodInfo, MoELayer, MoELayout
+from upcycle.errors import InputError, UnsupportedError
+from upcycle.io.arrays import cast, to_float32
+from upcycle.io.checkpoint import Checkpoint
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAIN_RECORD = "upcycle_train.json"  # written by `upcycle train` next to the adapter files
+_PEFT_PREFIX = "base_model.model."
+_ROLES = ("gate", "up", "down")
+
+INFO = MethodInfo(
+    name="mixlora",
+    paper="https://arxiv.org/abs/2404.15159",
+    summary="MixLoRA experts folded into a stock MoE (expert = base FFN + its LoRA delta)",
+    exact="exact: the merged model computes the adapter model's function",
+)
+
+
+class Adapter:
+    """A saved peft adapter folder: its config and its tensors (fp32 numpy, prefix stripped)."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        cfg_path = os.path.join(path, ADAPTER_CONFIG)
+        if not os.path.isdir(path):
+            raise InputError(f"{path}: no such adapter folder")
+        if not os.path.isfile(cfg_path):
+            raise InputError(f"{path}: no {ADAPTER_CONFIG} (not a saved adapter)")
+        try:
+            with open(cfg_path) as f:
+                self.config: dict = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{cfg_path}: not valid JSON") from None
+        self.kind = str(self.config.get("peft_type", "")).upper()
+        if self.kind not in ("MIXLORA", "LORA"):
+            raise UnsupportedError(
+                f"{path}: cannot merge a {self.kind or 'typeless'} adapter (MixLoRA and LoRA only)"
+            )
+        weights = os.path.join(path, ADAPTER_WEIGHTS)
+        if not os.path.isfile(weights):
+            other = [f for f in os.listdir(path) if f.startswith("adapter_model")]
+            hint = f" (found {other[0]}; only safetensors are read)" if other else ""
+            raise InputError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(weights)
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{weights}: not a readable safetensors file ({e})") from None
+        self.tensors = {k.removeprefix(_PEFT_PREFIX): t.float().numpy() for k, t in tensors.items()}
+        if self.kind == "LORA":
+            for key in ("use_dora", "use_rslora"):
+                if self.config.get(key):
+                    raise UnsupportedError(f"{path}: merging LoRA with {key} is not supported")
+            if self.config.get("rank_pattern") or self.config.get("alpha_pattern"):
+                raise UnsupportedError(f"{path}: merging per-module ranks is not supported")
+        self.scaling = float(self.config["lora_alpha"]) / float(self.config["r"])
+
+    @property
+    def base(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """Recorded by MixLoRA configs, and by `upcycle train` runs in TRAIN_RECORD."""
+        if self.config.get("base_fingerprint"):
+            return self.config["base_fingerprint"]
+        record = os.path.join(self.path, TRAIN_RECORD)
+        if os.path.isfile(record):
+            try:
+                with open(record) as f:
+                    return json.load(f).get("base_fingerprint")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise InputError(f"{record}: not valid JSON") from None
+        return None
+
+    def check_base(self, ckpt: Checkpoint, embed_name: str) -> None:
+        from upcycle.adapters.fingerprint import checkpoint_fingerprint
+
+        want = self.base_fingerprint
+        if want and embed_name in ckpt and checkpoint_fingerprint(ckpt, embed_name) != want:
+            raise InputError(
+                f"{self.path} was trained on another base model than {ckpt.path} "
+                "(fingerprints differ); pass --base with the model it was trained on"
+            )
+
+    def linear_deltas(self) -> dict[str, np.ndarray]:
+        """Module weight name -> fp32 delta (alpha/r) B A for every plain-LoRA module."""
+        a_name, b_name = (
+            ("lora_A.weight", "lora_B.weight")
+            if self.kind == "LORA"
+            else ("mixlora_A.weight", "mixlora_B.weight")
+        )
+        deltas = {}
+        for key, a in self.tensors.items():
+            if not key.endswith("." + a_name):
+                continue
+            module = key[: -len(a_name) - 1]
+            b = self.tensors.get(f"{module}.{b_name}")
+            if b is None:
+                raise InputError(f"{self.path}: {module} has a LoRA A but no B")
+            deltas[module + ".weight"] = np.float32(self.scaling) * (b @ a)
+        return deltas
+
+    def mixlora_layers(self) -> dict[str, dict[str, np.ndarray]]:
+        """FFN module name -> {"router": (E, H), "gate_A": ..., ...} for every MixLoRA FFN."""
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for key, t in self.tensors.items():
+            for marker in (".mixlora_router.weight", ".mixlora_experts."):
+                if marker in key:
+                    module, _, rest = key.partition(marker)
+                    name = "router" if marker.endswith("weight") else rest
+                    out.setdefault(module, {})[name] = t
+        return out
+
+
+class PatchedCheckpoint(Checkpoint):
+    """A checkpoint whose listed weights read as weight + fp32 delta (cast back on the way out)."""
+
+    def __init__(self, path: str, deltas: dict[str, np.ndarray]):
+        super().__init__(path)
+        self.deltas = deltas
+        for name, delta in deltas.items():
+            if name not in self.infos:
+                raise InputError(
+                    f"the adapter does not fit {path}: the base has no tensor {name} "
+                    "(was it trained on another model?)"
+                )
+            if tuple(self.infos[name].shape) != delta.shape:
+                raise InputError(
+                    f"the adapter does not fit {path}: {name} is {list(self.infos[name].shape)} "
+                    f"in the base but {list(delta.shape)} in the adapter"
+                )
+
+    def get(self, name: str, dtype: str | None = None) -> np.ndarray:
+        if name not in self.deltas:
+            return super().get(name, dtype)
+        stored = self.infos[name].dtype
+        merged = to_float32(super().get(name), stored) + self.deltas[name]
+        return cast(merged, "F32", dtype or stored)
+
+
+class MixLoraMerge:
+    """The converter method that materializes MixLoRA experts from one dense FFN per layer."""
+
+    info = INFO
+
+    def __init__(self, adapter: Adapter, layer_prefix: str, ffn_module: str, num_layers: int):
+        cfg = adapter.config
+        self.num_experts = int(cfg["num_experts"])
+        self.top_k = int(cfg["top_k"])
+        self.scaling = adapter.scaling
+        self.granularity = int(cfg.get("granularity") or 1)
+        self.granular = cfg.get("expert_view", "copy") == "granular"
+        self.layers: dict[int, dict[str, np.ndarray]] = {}
+        found = adapter.mixlora_layers()
+        for i in range(num_layers):
+            module = layer_prefix.format(i=i) + ffn_module
+            if module in found:
+                self.layers[i] = found.pop(module)
+        if found:
+            raise InputError(
+                f"the adapter does not fit the base model: it has {next(iter(found))}, "
+                "which the base lacks (was it trained on another model?)"
+            )
+        if not self.layers:
+            raise InputError(f"{adapter.path}: the adapter has no MixLoRA FFN layers")
+        if self.granular and len(self.layers) != num_layers:
+            raise UnsupportedError(
+                "merging a granular MixLoRA view adapted on only some layers is not supported"
+            )
+
+    def validate(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        view = f"granular view G={self.granularity}" if self.granular else "copy view"
+        return f"MixLoRA experts ({view}, LoRA scale {self.scaling:g}) and trained routers"
+
+    def layout(self, hidden: int, intermediate: int) -> MoELayout:
+        if self.granular and intermediate % self.granularity:
+            raise InputError(
+                f"the adapter's granularity {self.granularity} does not divide the base's FFN "
+                f"width {intermediate} (was it trained on another model?)"
+            )
+        width = intermediate // self.granularity if self.granular else intermediate
+        self.width = width
+        return MoELayout(self.num_experts, self.top_k, expert_width=width)
+
+    def prepare(self, source_dir: str, moe_layers: list[int], log) -> None:
+        pass
+
+    def layer(self, i: int, ffn: dict[str, np.ndarray], dtype: str) -> MoELayer:
+        E, H = self.num_experts, ffn["down"].shape[0]
+        if i not in self.layers:  # not adapted: identical experts compute the dense FFN exactly
+            return MoELayer(router=np.zeros((E, H), np.float32), experts=[dict(ffn)] * E)
+        lay = self.layers[i]
+        router = lay["router"]
+        if router.shape != (E, H):
+            raise InputError(
+                f"the adapter does not fit the base model: layer {i}'s router is "
+                f"{list(router.shape)}, expected {[E, H]}"
+            )
+        base = {role: to_float32(ffn[role], dtype) for role in _ROLES}
+        scale = self.top_k / (E // self.granularity) if self.granular else 1.0
+        experts = []
+        for e in range(E):
+            lo = (e % self.granularity) * self.width if self.granular else 0
+            hi = lo + self.width
+            w = {
+                "gate": base["gate"][lo:hi],
+                "up": base["up"][lo:hi],
+                "down": base["down"][:, lo:hi],
+            }
+            expert = {}
+            for role in _ROLES:
+                a, b = lay.get(f"{role}_A"), lay.get(f"{role}_B")
+                m = w[role]
+                if a is not None:
+                    delta = b[e] @ a[e]
+                    if delta.shape != m.shape:
+                        raise InputError(
+                            f"the adapter does not fit the base model: layer {i}'s {role} LoRA "
+                            f"is {list(delta.shape)}, the FFN slice {list(m.shape)}"
+                        )
+                    m = m + np.float32(self.scaling) * delta
+                if role == "down" and scale != 1.0:
+                    m = m * np.float32(scale)
+                expert[role] = cast(np.ascontiguousarray(m, np.float32), "F32", dtype)
+            experts.append(expert)
+        return MoELayer(router=router.astype(np.float32), experts=experts)
+
+
+def _resolve_base(adapter: Adapter, base: str | None, log) -> str:
+    from upcycle.io.default_model import resolve_model
+
+    path = base or adapter.base
+    if not path:
+        raise InputError(f"{adapter.path}: the adapter names no base model; pass --base")
+    path = resolve_model(path, log=log)
+    if not os.path.isdir(path):
+        raise InputError(
+            f"base model {path} (named by the adapter) not found; pass --base with its folder"
+        )
+    return path
+
+
+def merge(
+    run: str,
+    out: str,
+    *,
+    base: str | None = None,
+    target: str | None = None,
+    dtype: str = "source",
+    max_shard_size: str = "5GB",
+    force: bool = False,
+    progress: bool = True,
+    log=None,
+):
+    """Merge the adapter saved in `run` into its base and write a standalone checkpoint to `out`."""
+    from upcycle.convert import ConvertOptions, _family_of, convert
+    from upcycle.io.writer import check_output_dir
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    check_output_dir(out, force)
+    adapter = Adapter(run)
+    base_dir = _resolve_base(adapter, base, log)
+    ckpt = PatchedCheckpoint(base_dir, adapter.linear_deltas())
+    embed = next((n for n in ckpt.keys() if n.endswith("embed_tokens.weight")), None)
+    adapter.check_base(ckpt, embed)
+    if adapter.kind == "LORA":
+        if target:
+            raise UnsupportedError(
+                "--target applies to MixLoRA runs; a LoRA run merges into its base"
+            )
+        return merge_dense(
+            ckpt,
+            out,
+            adapter,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            force=force,
+            progress=progress,
+        )
+    family = _family_of(ckpt)
+    num_layers = ckpt.config["num_hidden_layers"]
+    ffn_module = family.ffn.gate.rsplit(".", 2)[0]  # "mlp.gate_proj.weight" -> "mlp"
+    method = MixLoraMerge(adapter, family.layer_prefix, ffn_module, num_layers)
+    opts = ConvertOptions(
+        method="mixlora",
+        num_experts=method.num_experts,
+        top_k=method.top_k,
+        target=target,
+        router_init="trained",
+        router_aux_loss_coef=float(adapter.config.get("router_aux_loss_coef", 0.01)),
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+    )
+    return convert(
+        base_dir, out, opts, force=force, progress=progress, log=log, method=method, ckpt=ckpt
+    )
+
+
+def merge_dense(
+    ckpt: PatchedCheckpoint,
+    out: str,
+    adapter: Adapter,
+    *,
+    dtype: str,
+    max_shard_size: str,
+    force: bool,
+    progress: bool,
+):
+    """Write the base with LoRA deltas added: same architecture, names and config."""
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    from upcycle import __version__
+    from upcycle.card import AUX_FILES
+    from upcycle.convert import Summary
+    from upcycle.errors import OptionError
+    from upcycle.io.arrays import CONFIG_NAMES, NAMES
+    from upcycle.io.writer import ShardedWriter, atomic_output_dir, parse_size
+
+    start = time.perf_counter()
+    if dtype == "source":
+        out_dtype = ckpt.dtype
+    elif dtype in NAMES:
+        out_dtype = NAMES[dtype]
+    else:
+        raise OptionError(f"unknown --dtype {dtype!r}; choose from source, {', '.join(NAMES)}")
+    try:
+        max_shard = parse_size(max_shard_size)
+    except ValueError as e:
+        raise OptionError(f"--max-shard-size: {e}") from None
+    names = [n for n in ckpt.keys() if not n.endswith(".rotary_emb.inv_freq")]
+    floats = {n for n in names if ckpt.infos[n].dtype in CONFIG_NAMES}
+    entries = [(n, out_dtype if n in floats else ckpt.infos[n].dtype, ckpt.shape(n)) for n in names]
+    with atomic_output_dir(out, force=force) as tmp:
+        writer = ShardedWriter(tmp, entries, max_shard)
+        try:
+            for name, d, _ in tqdm(
+                entries, desc="merging", unit="tensor", disable=not progress, file=sys.stderr
+            ):
+                writer.write(name, ckpt.get(name, d if name in floats else None))
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        config = dict(ckpt.config)
+        if dtype != "source":
+            config["dtype"] = CONFIG_NAMES[out_dtype]
+            config.pop("torch_dtype", None)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        for aux in AUX_FILES:
+            src = os.path.join(ckpt.path, aux)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(tmp, aux))
+        with open(os.path.join(tmp, "upcycle.json"), "w") as f:
+            json.dump(
+                {
+                    "upcycle_version": __version__,
+                    "method": "lora-merge",
+                    "source": {"path": ckpt.path},
+                    "adapter": adapter.path,
+                    "adapter_config": adapter.config,
+                },
+                f,
+                indent=2,
+            )
+            f.write("\n")
+        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+    total = sum(int(np.prod(s)) for _, _, s in entries)
+    return Summary(
+        os.path.abspath(out),
+        config.get("architectures", ["?"])[0],
+        total,
+        total,
+        size,
+        time.perf_counter() - start,
+    )
