@@ -64,22 +64,23 @@ def routed_lora_ffn(
     T = x.shape[0]
     order, tokens, counts = sort_by_expert(experts, num_experts)
     w = (weights.reshape(-1)[order] * expert_scale).to(x.dtype).unsqueeze(-1)
+    lora = {role: (a, b * scaling) for role, (a, b) in lora.items()}  # fold the scale into B
     g = F.linear(x, gate_w)
     u = F.linear(x, up_w)
-    xs = x[tokens]
-    xd = drop(xs) if ("gate" in lora or "up" in lora) else xs
+    # one dropout mask per token for the gate/up LoRA inputs, shared by its k experts
+    xd = drop(x)[tokens] if ("gate" in lora or "up" in lora) else None
     if slices is None:
         gs, us = g[tokens], u[tokens]
         if "gate" in lora:
-            gs = gs + scaling * _segment_lora(xd, counts, lora["gate"])
+            gs = gs + _segment_lora(xd, counts, lora["gate"])
         if "up" in lora:
-            us = us + scaling * _segment_lora(xd, counts, lora["up"])
+            us = us + _segment_lora(xd, counts, lora["up"])
         hs = act(gs) * us
         mixed = x.new_zeros(T, g.shape[1]).index_add(0, tokens, hs * w)
         y = F.linear(mixed, down_w)
         if "down" in lora:
             dd = _segment_lora(drop(hs), counts, lora["down"])
-            y = y.index_add(0, tokens, scaling * dd * w)
+            y = y.index_add(0, tokens, dd * w)
         return y
     # granular view: expert e owns neurons slices[e]; each sorted row is zero outside them
     spread = x.new_zeros(tokens.shape[0], g.shape[1])
@@ -92,16 +93,16 @@ def routed_lora_ffn(
         xe = xd[start : start + n]
         if "gate" in lora:
             a, b = lora["gate"]
-            ge = ge + scaling * ((xe @ a[e].t()) @ b[e].t())
+            ge = ge + (xe @ a[e].t()) @ b[e].t()
         if "up" in lora:
             a, b = lora["up"]
-            ue = ue + scaling * ((xe @ a[e].t()) @ b[e].t())
+            ue = ue + (xe @ a[e].t()) @ b[e].t()
         he = act(ge) * ue
         we = w[start : start + n]
         spread[start : start + n, lo:hi] = he * we
         if "down" in lora:
             a, b = lora["down"]
-            deltas.append(scaling * ((drop(he) @ a[e].t()) @ b[e].t()) * we)
+            deltas.append(((drop(he) @ a[e].t()) @ b[e].t()) * we)
         start += n
     y = F.linear(x.new_zeros(T, g.shape[1]).index_add(0, tokens, spread), down_w)
     if deltas:

@@ -107,6 +107,20 @@ def load_texts(path: str) -> list[str]:
     extension is plain text. Returns one string per document, in file order; empty documents
     are dropped. Raises InputError naming the file (and line) for every malformed input.
     """
+    texts = [record_text(r) for r in load_records(path)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise InputError(f"{path}: no text in any record")
+    return texts
+
+
+def load_records(path: str) -> list[dict]:
+    """Read a text or JSONL file as records that keep their structure (for training).
+
+    Each record is ``{"text": str}``, ``{"prompt": str, "response": str}`` or
+    ``{"messages": [{"role": str, "content": str}, ...]}``, validated; plain-text documents
+    become text records.
+    """
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -121,59 +135,74 @@ def load_texts(path: str) -> list[str]:
     if not content.strip():
         raise InputError(f"{path}: file is empty")
     if path.lower().endswith((".jsonl", ".json")):
-        texts = _parse_json_records(path, content)
+        records = _parse_json_records(path, content)
     else:
-        texts = [block.strip("\n") for block in re.split(r"\n[ \t\r\f\v]*\n", content)]
-    texts = [t for t in texts if t.strip()]
-    if not texts:
+        blocks = [block.strip("\n") for block in re.split(r"\n[ \t\r\f\v]*\n", content)]
+        records = [{"text": b} for b in blocks if b.strip()]
+    if not records:
         raise InputError(f"{path}: no text in any record")
-    return texts
+    return records
 
 
-def _parse_json_records(path: str, content: str) -> list[str]:
+def _parse_json_records(path: str, content: str) -> list[dict]:
     if path.lower().endswith(".json") and content.lstrip().startswith("["):
         try:
-            records = json.loads(content)
+            items = json.loads(content)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-        return [_record_text(rec, f"{path}: item {i}") for i, rec in enumerate(records)]
-    texts = []
+        return [_record(rec, f"{path}: item {i}") for i, rec in enumerate(items)]
+    records = []
     for n, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            item = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        texts.append(_record_text(record, f"{path}:{n}"))
-    return texts
+        records.append(_record(item, f"{path}:{n}"))
+    return records
 
 
-def _record_text(record, where: str) -> str:
-    """One JSON record -> its text; `where` prefixes errors ("file:line")."""
+def _record(record, where: str) -> dict:
+    """One JSON object -> a validated record; `where` prefixes errors ("file:line")."""
     if not isinstance(record, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "text" in record:
-        return _string(record["text"], "text", where)
+        return {"text": _string(record["text"], "text", where)}
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list):
             raise InputError(f"{where}: 'messages' must be a list")
-        lines = []
+        out = []
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InputError(f"{where}: each message needs 'role' and 'content'")
-            lines.append(f"{_string(m['role'], 'role', where)}: {_content(m['content'], where)}")
-        return "\n".join(lines)
+            out.append(
+                {
+                    "role": _string(m["role"], "role", where),
+                    "content": _content(m["content"], where),
+                }
+            )
+        return {"messages": out}
     if "prompt" in record:
         answer = record.get("response", record.get("completion"))
         if answer is None:
             raise InputError(f"{where}: 'prompt' without 'response'")
-        return (
-            _string(record["prompt"], "prompt", where) + "\n" + _string(answer, "response", where)
-        )
+        return {
+            "prompt": _string(record["prompt"], "prompt", where),
+            "response": _string(answer, "response", where),
+        }
     keys = ", ".join(sorted(map(str, record))) or "none"
     raise InputError(f"{where}: expected 'text', 'prompt'/'response' or 'messages' (keys: {keys})")
+
+
+def record_text(record: dict) -> str:
+    """A record as one plain text (prompt, newline, response; one ``role: content`` per line)."""
+    if "text" in record:
+        return record["text"]
+    if "messages" in record:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+    return record["prompt"] + "\n" + record["response"]
 
 
 def _string(value, key: str, where: str) -> str:

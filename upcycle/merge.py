@@ -88,8 +88,10 @@ class Adapter:
         """Recorded by MixLoRA configs, and by `upcycle train` runs in TRAIN_RECORD."""
         if self.config.get("base_fingerprint"):
             return self.config["base_fingerprint"]
-        record = os.path.join(self.path, TRAIN_RECORD)
-        if os.path.isfile(record):
+        for name in (TRAIN_RECORD, "trainer_state.json"):  # a run's root, or one checkpoint
+            record = os.path.join(self.path, name)
+            if not os.path.isfile(record):
+                continue
             try:
                 with open(record) as f:
                     return json.load(f).get("base_fingerprint")

@@ -126,6 +126,16 @@ def prepare_model_dir(src: str, dst: str = OLD_MODEL_DIR) -> str:
     return dst
 
 
+def _cpu_ticks():
+    """Busy jiffies of all CPUs (user+nice+system+irq+softirq+steal) or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="MoE-PEFT CPU training-throughput anchor")
     ap.add_argument("pairs", help='JSONL of {"prompt":..., "response":...}')
@@ -268,6 +278,7 @@ def main(argv=None):
 
     tokens = 0
     per_step = []
+    stat0, own0 = _cpu_ticks(), os.times()
     t0 = time.perf_counter()
     for _ in range(steps):
         ts = time.perf_counter()
@@ -275,7 +286,18 @@ def main(argv=None):
         per_step.append((n, round(time.perf_counter() - ts, 3), round(loss, 4)))
         tokens += n
     seconds = time.perf_counter() - t0
+    stat1, own1 = _cpu_ticks(), os.times()
 
+    if stat0 and stat1:
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (stat1 - stat0) / hz
+        own = (own1.user + own1.system) - (own0.user + own0.system)
+        print(
+            f"timed region: {seconds:.2f}s wall, own CPU {own:.2f}s, other CPU on "
+            f"the machine {max(busy - own, 0.0) / seconds:.2f} cores "
+            f"(of {os.cpu_count()})",
+            file=sys.stderr,
+        )
     print(f"timed steps (padded tokens, seconds, loss): {per_step}", file=sys.stderr)
     print(
         json.dumps(

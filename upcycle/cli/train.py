@@ -12,6 +12,97 @@ def _log(msg: str) -> None:
 
 
 @cli.command()
+@click.argument("model")
+@click.argument("out")
+@config_option
+@click.option("--data", required=True, help="Training text: a text or JSONL file, or builtin.")
+@click.option("--eval-data", default=None, help="Held-out text (default: split from --data).")
+@click.option(
+    "--eval-fraction",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Share of --data records held out when --eval-data is not given.",
+)
+@click.option(
+    "--adapter",
+    default="mixlora",
+    show_default=True,
+    help="mixlora (LoRA experts + router), lora (plain LoRA), experts-lora (LoRA on MoE experts).",
+)
+@click.option("--num-experts", "-E", type=int, default=8, show_default=True, help="mixlora.")
+@click.option("--top-k", "-k", type=int, default=2, show_default=True, help="mixlora.")
+@click.option("--r", "--rank", "r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=float, default=32.0, show_default=True, help="LoRA alpha.")
+@click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout.")
+@click.option(
+    "--target-modules",
+    default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    show_default=True,
+    help="Comma-separated projections to adapt.",
+)
+@click.option("--router-aux-loss-coef", type=float, default=0.01, show_default=True)
+@click.option("--router-z-loss-coef", type=float, default=0.0, show_default=True)
+@click.option("--jitter-noise", type=float, default=0.0, show_default=True)
+@click.option("--expert-view", default="copy", show_default=True, help="mixlora: copy or granular.")
+@click.option("--granularity", type=int, default=1, show_default=True, help="granular views.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Blocks per process and micro-step.",
+)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--packing/--no-packing", default=True, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--schedule", default="cosine", show_default=True, help="cosine, linear, constant.")
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="float32 or bfloat16.")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--load-in-4bit", is_flag=True, help="4-bit base (CUDA, bitsandbytes).")
+@click.option("--load-in-8bit", is_flag=True, help="8-bit base (CUDA, bitsandbytes).")
+@click.option("--eval-steps", type=int, default=0, show_default=True, help="0: before and after.")
+@click.option("--max-eval-blocks", type=int, default=64, show_default=True)
+@click.option("--save-steps", type=int, default=0, show_default=True, help="0: at the end only.")
+@click.option("--logging-steps", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def train(model, out, quiet, **options):
+    """Fine-tune an adapter on MODEL with the text in --data; write the run to OUT.
+
+    The final adapter lands at the root of OUT (adapter_config.json,
+    adapter_model.safetensors: load it with peft after `import upcycle.adapters`), with
+    checkpoints under OUT/checkpoints/ and metrics in OUT/metrics.jsonl. Ctrl-C saves a
+    checkpoint; --resume continues it. Several processes: `accelerate launch --multi_gpu
+    --num_processes N -m upcycle train ...` (on CPU too).
+    """
+    from upcycle.train.loop import train as run_train
+    from upcycle.train.options import TrainOptions
+
+    final = run_train(TrainOptions(model=model, out=out, progress=not quiet, **options), log=_log)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0 and not quiet:
+        parts = [f"wrote {out}", f"  final loss {final.get('lm_loss', float('nan')):.4f}"]
+        if "eval_loss" in final:
+            before = final.get("eval_loss_before")
+            parts.append(
+                f"  held-out loss {final['eval_loss']:.4f}"
+                + (f" (before training {before:.4f})" if before is not None else "")
+            )
+        parts.append(f"  {final.get('tokens_per_s', 0):.0f} tokens/s")
+        click.echo("\n".join(parts))
+
+
+@cli.command()
 @click.argument("run")
 @click.argument("out")
 @config_option

@@ -1,0 +1,123 @@
+"""Training checkpoints without pickle: adapter (peft format), optimizer and RNG in safetensors.
+
+    OUT/checkpoints/step-N/
+        adapter_config.json, adapter_model.safetensors   the adapter, loadable with peft
+        optimizer.safetensors                            AdamW moments and step counts
+        rng-R.safetensors                                each process's torch RNG state
+        trainer_state.json                               step, scheduler, options, param groups
+
+A checkpoint folder is written under a temporary name and renamed when complete, so a folder
+named step-N is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from upcycle.errors import InputError
+
+STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(out: str) -> str:
+    return os.path.join(out, "checkpoints")
+
+
+def latest_checkpoint(out: str) -> str | None:
+    root = checkpoint_root(out)
+    if not os.path.isdir(root):
+        return None
+    steps = [(int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_DIR.match(n))]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{idx}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str, param_groups: list) -> None:
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    state: dict = {}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = t
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def save_checkpoint(acc, model, optimizer, scheduler, out: str, step: int, state: dict) -> str:
+    """Every process calls this; the main one writes the shared files and renames."""
+    root = checkpoint_root(out)
+    final = os.path.join(root, f"step-{step}")
+    tmp = os.path.join(root, f".step-{step}.tmp")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    acc.wait_for_everyone()
+    save_file(rng_state(), os.path.join(tmp, f"rng-{acc.process_index}.safetensors"))
+    if acc.is_main_process:
+        acc.unwrap_model(model).save_pretrained(tmp)
+        tensors, groups = optimizer_tensors(optimizer)
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        with open(os.path.join(tmp, STATE), "w") as f:
+            json.dump(
+                {
+                    **state,
+                    "step": step,
+                    "scheduler": scheduler.state_dict(),
+                    "param_groups": groups,
+                },
+                f,
+                indent=2,
+            )
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(acc, model, optimizer, scheduler, path: str) -> dict:
+    """Restore adapter weights, optimizer, scheduler and this process's RNG; returns the state."""
+    from peft import set_peft_model_state_dict
+
+    try:
+        with open(os.path.join(path, STATE)) as f:
+            state = json.load(f)
+        weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a complete checkpoint ({e})") from None
+    result = set_peft_model_state_dict(acc.unwrap_model(model), weights)
+    missing = [k for k in result.missing_keys if "lora" in k]
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks adapter tensor {missing[0]}")
+    load_optimizer(optimizer, path, state["param_groups"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = os.path.join(path, f"rng-{acc.process_index}.safetensors")
+    if os.path.isfile(rng):
+        set_rng_state(load_file(rng))
+    return state

@@ -1,0 +1,489 @@
+"""The training loop: accelerate-based, one process or many (DDP), exact resume.
+
+Batches are drawn by index arithmetic from a per-epoch permutation seeded by (seed, epoch), so
+step s always sees the same examples whatever the number of processes: the global batch of a
+step is `batch_size * processes * grad_accum` blocks, split into micro-batches by process.
+The loss of a step is the token-mean over its whole global batch: every process divides its
+token-loss sum by the global count of trained tokens (known to all processes, since each holds
+the data), and DDP's gradient average over processes restores the sum. So one process with
+batch 4 and two with batch 2 take the same steps, and resuming from a checkpoint (which
+restores adapter, optimizer, scheduler and every process's RNG) continues the same curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import torch
+
+from upcycle.errors import InputError, OptionError, OutputError, UnsupportedError, UpcycleError
+from upcycle.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from upcycle.train.data import IGNORE, Blocks, build_blocks, split_records
+from upcycle.train.options import TrainOptions
+
+METRICS = "metrics.jsonl"
+RECORD = "upcycle_train.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+
+
+class Interrupted(UpcycleError):
+    """SIGINT during training: a checkpoint was saved."""
+
+    exit_code = 130
+
+
+def _records(spec: str, split: str) -> list[dict]:
+    from upcycle.data import DATA_ALIASES, builtin_corpus, load_records
+
+    if spec in DATA_ALIASES:
+        return [{"text": t} for t in builtin_corpus(split, DATA_ALIASES[spec])]
+    if spec.startswith("builtin:"):
+        raise OptionError(f"unknown data alias {spec!r} (choose from {', '.join(DATA_ALIASES)})")
+    return load_records(spec)
+
+
+def load_data(opts: TrainOptions, tokenizer) -> tuple[Blocks, Blocks | None]:
+    """Training blocks and held-out blocks (from --eval-data, the built-in held-out split, or a
+    hashed --eval-fraction of the training records)."""
+    from upcycle.data import DATA_ALIASES
+
+    if opts.data in DATA_ALIASES:
+        train = _records(opts.data, "calibration")
+        held = _records(opts.data, "heldout") if opts.eval_data is None else []
+    else:
+        train = _records(opts.data, "all")
+        held = []
+        if opts.eval_data is None:
+            train, held = split_records(train, opts.eval_fraction)
+    if opts.eval_data is not None:
+        held = _records(opts.eval_data, "heldout")
+    blocks = build_blocks(train, tokenizer, opts.seq_len, opts.packing)
+    eval_blocks = None
+    if held:
+        try:
+            eval_blocks = build_blocks(held, tokenizer, opts.seq_len, opts.packing)
+        except InputError:
+            eval_blocks = None  # too little held-out text for one block: no eval loss
+    if eval_blocks is not None and opts.max_eval_blocks:
+        eval_blocks = Blocks(
+            *(
+                t[: opts.max_eval_blocks]
+                for t in (eval_blocks.input_ids, eval_blocks.labels, eval_blocks.attention_mask)
+            )
+        )
+    return blocks, eval_blocks
+
+
+def _load_model(opts: TrainOptions, path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
+    kwargs = {"dtype": dtype}
+    if opts.load_in_4bit or opts.load_in_8bit:
+        if not torch.cuda.is_available():
+            raise UnsupportedError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes)")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise UnsupportedError(
+                "--load-in-4bit/--load-in-8bit need `pip install bitsandbytes`"
+            ) from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=opts.load_in_4bit,
+            load_in_8bit=opts.load_in_8bit,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_type="nf4",
+        )
+    from transformers.utils import logging as hf_logging
+
+    from upcycle.io.checkpoint import Checkpoint
+
+    Checkpoint(path)  # one-line errors for missing or malformed model folders
+    hf_logging.disable_progress_bar()  # the run's own log and progress bar say enough
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def adapter_config(opts: TrainOptions):
+    """The peft config for --adapter, validated (before any model is loaded)."""
+    from peft import LoraConfig
+
+    import upcycle.adapters as adapters
+
+    try:
+        if opts.adapter == "mixlora":
+            config = adapters.MixLoraConfig(
+                num_experts=opts.num_experts,
+                top_k=opts.top_k,
+                r=opts.r,
+                lora_alpha=opts.alpha,
+                lora_dropout=opts.dropout,
+                target_modules=opts.modules,
+                router_aux_loss_coef=opts.router_aux_loss_coef,
+                router_z_loss_coef=opts.router_z_loss_coef,
+                jitter_noise=opts.jitter_noise,
+                expert_view=opts.expert_view,
+                granularity=opts.granularity,
+            )
+        elif opts.adapter == "lora":
+            config = LoraConfig(
+                r=opts.r,
+                lora_alpha=opts.alpha,
+                lora_dropout=opts.dropout,
+                target_modules=opts.modules,
+                task_type="CAUSAL_LM",
+            )
+        else:
+            config = adapters.ExpertsLoraConfig(
+                r=opts.r,
+                lora_alpha=opts.alpha,
+                lora_dropout=opts.dropout,
+                target_modules=opts.modules,
+                router_aux_loss_coef=opts.router_aux_loss_coef,
+                router_z_loss_coef=opts.router_z_loss_coef,
+            )
+    except ValueError as e:
+        raise OptionError(str(e).splitlines()[0]) from None
+    return config
+
+
+def attach_adapter(model, config):
+    """The peft model: `config` attached to `model` (one-line errors for mismatches)."""
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(config, LoraConfig):
+        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        unknown = [m for m in config.target_modules if m not in present]
+        if unknown:
+            raise OptionError(f"unknown target module {unknown[0]!r}: the model has none")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise OptionError(str(e).splitlines()[0]) from None
+
+
+def _check_out(opts: TrainOptions) -> str | None:
+    """Validate OUT for a new run or a resume; returns the checkpoint to resume from."""
+    out = opts.out
+    if os.path.isfile(out):
+        raise OutputError(f"{out}: exists and is a file")
+    if opts.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise InputError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}")
+        return ckpt
+    if os.path.isdir(out) and os.listdir(out):
+        if not opts.force:
+            raise OutputError(
+                f"{out}: exists and is not empty (use --resume to continue, --force to replace it)"
+            )
+    return None
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class _Sigint:
+    """The first Ctrl-C asks for a checkpoint at the end of the step; the second aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def evaluate_loss(model, blocks: Blocks, batch_size: int, acc) -> float:
+    """Mean token loss over the held-out blocks (split across processes)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    rows = torch.arange(acc.process_index, len(blocks), acc.num_processes)
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            idx = rows[i : i + batch_size]
+            labels = blocks.labels[idx].to(acc.device)
+            out = model(
+                input_ids=blocks.input_ids[idx].to(acc.device),
+                attention_mask=blocks.attention_mask[idx].to(acc.device),
+                labels=labels,
+                num_items_in_batch=1,
+            )
+            total[0] += out.loss.double()
+            total[1] += (labels[:, 1:] != IGNORE).sum()
+    total = acc.reduce(total, reduction="sum")
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def train(opts: TrainOptions, log=None) -> dict:
+    """Fine-tune an adapter on opts.data; returns the final metrics. See the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import PeftModel  # noqa: F401
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from upcycle.adapters.fingerprint import model_fingerprint
+    from upcycle.io.default_model import resolve_model
+
+    opts.validate()
+    log = log or (lambda m: print(m, file=sys.stderr))
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
+    say = log if main else (lambda m: None)
+    if acc.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        say(
+            "note: `accelerate launch --cpu` starts one process; for N CPU processes use "
+            "`accelerate launch --multi_gpu --num_processes N --num_machines 1 -m upcycle train ...`"
+        )
+    resume_from = _check_out(opts)
+    peft_config = adapter_config(opts)
+    base_path = resolve_model(opts.model, log=say)
+    set_seed(opts.seed)
+    model, tokenizer = _load_model(opts, base_path)
+    fingerprint = model_fingerprint(model)
+    blocks, eval_blocks = load_data(opts, tokenizer)
+    world, rank = acc.num_processes, acc.process_index
+    global_batch = opts.batch_size * world * opts.grad_accum
+    steps_per_epoch = len(blocks) // global_batch
+    if steps_per_epoch == 0:
+        raise InputError(
+            f"the data makes {len(blocks)} blocks of {opts.seq_len} tokens, fewer than one "
+            f"global batch ({opts.batch_size} x {world} processes x {opts.grad_accum} accumulation)"
+        )
+    total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
+
+    torch.manual_seed(opts.seed)
+    model = attach_adapter(model, peft_config)
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = get_scheduler(
+        opts.schedule if opts.schedule != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=opts.warmup_steps,
+        num_training_steps=total_steps,
+    )
+    model, optimizer = acc.prepare(model, optimizer)
+    model.train()
+
+    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if resume_from is not None:
+        state = load_checkpoint(acc, model, optimizer, scheduler, resume_from)
+        changed = {
+            k: (state["options"].get(k), v)
+            for k, v in opts.trajectory().items()
+            if state["options"].get(k) != v and k not in ("model", "out")
+        }
+        if changed:
+            k, (old, new) = next(iter(changed.items()))
+            raise OptionError(f"--resume: option {k} was {old!r} and is now {new!r}")
+        if state.get("world_size") != world:
+            say(
+                f"note: resuming with {world} processes, the checkpoint had {state.get('world_size')}"
+            )
+        start_step, tokens_seen = state["step"], state["tokens"]
+        elapsed_before = state.get("elapsed_s", 0.0)
+        say(f"resuming from {resume_from} (step {start_step} of {total_steps})")
+    elif main:
+        if opts.force and os.path.isdir(opts.out):
+            shutil.rmtree(opts.out)
+        os.makedirs(opts.out, exist_ok=True)
+    acc.wait_for_everyone()
+
+    metrics_path = os.path.join(opts.out, METRICS)
+    if main:
+        _truncate_metrics(metrics_path, start_step)
+    run_state = {
+        "options": opts.trajectory(),
+        "base": base_path,
+        "base_fingerprint": fingerprint,
+        "world_size": world,
+    }
+
+    def write_metrics(entry: dict) -> None:
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    say(
+        f"training {opts.adapter} on {base_path}: {n_trainable:,} trainable params, "
+        f"{len(blocks)} blocks of {opts.seq_len} tokens, {total_steps} steps of {global_batch} "
+        f"blocks ({world} process{'es' if world > 1 else ''})"
+    )
+    first_eval = None
+    if eval_blocks is not None and start_step == 0:
+        first_eval = evaluate_loss(model, eval_blocks, opts.batch_size, acc)
+        write_metrics({"step": 0, "eval_loss": first_eval})
+        say(f"held-out loss before training: {first_eval:.4f}")
+
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="training",
+        unit="step",
+        disable=not (opts.progress and main),
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    t0 = time.perf_counter()
+    tokens_at_start = tokens_seen
+    last = {}
+    step = start_step
+    with _Sigint() as sigint:
+        while step < total_steps:
+            epoch, within = divmod(step, steps_per_epoch)
+            order = _epoch_order(opts.seed, epoch, len(blocks))
+            idx = order[within * global_batch : (within + 1) * global_batch]
+            idx = idx.view(opts.grad_accum, world, opts.batch_size)
+            labels_all = blocks.labels[idx.reshape(-1)]
+            global_count = int((labels_all[:, 1:] != IGNORE).sum())
+            lm_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+            aux_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+            for m in range(opts.grad_accum):
+                rows = idx[m, rank]
+                sync = m == opts.grad_accum - 1
+                ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
+                with ctx:
+                    out = model(
+                        input_ids=blocks.input_ids[rows].to(acc.device),
+                        attention_mask=blocks.attention_mask[rows].to(acc.device),
+                        labels=blocks.labels[rows].to(acc.device),
+                        num_items_in_batch=max(global_count, 1) / world,
+                    )
+                    aux = getattr(out, "aux_loss", None)
+                    lm = out.loss - aux if aux is not None else out.loss
+                    loss = lm + aux / opts.grad_accum if aux is not None else lm
+                    acc.backward(loss)
+                lm_sum += lm.detach().double()
+                if aux is not None:
+                    aux_sum += aux.detach().double() / opts.grad_accum
+            grad_norm = acc.clip_grad_norm_(params, opts.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += global_batch * opts.seq_len
+            stats = acc.reduce(torch.stack([lm_sum, aux_sum]), reduction="mean")
+            elapsed = time.perf_counter() - t0
+            tps = (tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+            last = {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 4),
+                "loss": float(stats[0] + stats[1]),
+                "lm_loss": float(stats[0]),
+                "aux_loss": float(stats[1]),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens": tokens_seen,
+                "tokens_per_s": round(tps, 2),
+                "elapsed_s": round(elapsed_before + elapsed, 3),
+            }
+            if step % opts.logging_steps == 0 or step == total_steps:
+                write_metrics(last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['lm_loss']:.4f}", tok_s=f"{tps:.0f}")
+            if (
+                eval_blocks is not None
+                and opts.eval_steps
+                and step % opts.eval_steps == 0
+                and step < total_steps
+            ):
+                write_metrics(
+                    {
+                        "step": step,
+                        "eval_loss": evaluate_loss(model, eval_blocks, opts.batch_size, acc),
+                    }
+                )
+            stop = sigint.requested
+            if world > 1:
+                flag = torch.tensor([float(stop)], device=acc.device)
+                stop = bool(acc.reduce(flag, reduction="sum").item() > 0)
+            state = {**run_state, "tokens": tokens_seen, "elapsed_s": last["elapsed_s"]}
+            if stop or (opts.save_steps and step % opts.save_steps == 0 and step < total_steps):
+                path = save_checkpoint(acc, model, optimizer, scheduler, opts.out, step, state)
+                if stop:
+                    bar.close()
+                    raise Interrupted(
+                        f"interrupted at step {step}; checkpoint saved in {path} "
+                        f"(continue with --resume)"
+                    )
+    bar.close()
+    final = dict(last)
+    if eval_blocks is not None:
+        final["eval_loss"] = evaluate_loss(model, eval_blocks, opts.batch_size, acc)
+        write_metrics({"step": step, "eval_loss": final["eval_loss"]})
+        if first_eval is not None:
+            final["eval_loss_before"] = first_eval
+    save_checkpoint(
+        acc,
+        model,
+        optimizer,
+        scheduler,
+        opts.out,
+        step,
+        {**run_state, "tokens": tokens_seen, "elapsed_s": last.get("elapsed_s", 0.0)},
+    )
+    if main:
+        _save_final(
+            acc.unwrap_model(model),
+            opts.out,
+            {**run_state, "final": final, "steps": step, "trainable_params": n_trainable},
+        )
+    acc.wait_for_everyone()
+    return final
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines past `step` (a resumed run rewrites them)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if step == 0:
+        keep = []
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def _save_final(model, out: str, record: dict) -> None:
+    """The adapter at the root of OUT (as peft saves it), each file renamed into place."""
+    tmp = os.path.join(out, ".final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    with open(os.path.join(tmp, RECORD), "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    for name in sorted(os.listdir(tmp), key=lambda n: n == RECORD):  # the record goes last
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    os.rmdir(tmp)

@@ -1,0 +1,114 @@
+"""TrainOptions: everything `upcycle train` depends on (recorded with every checkpoint)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from upcycle.errors import OptionError
+
+ADAPTERS = ("mixlora", "lora", "experts-lora")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+# Options that may change between a run and its --resume (they do not change the trajectory).
+RESUMABLE = {
+    "max_steps",
+    "epochs",
+    "eval_steps",
+    "save_steps",
+    "logging_steps",
+    "resume",
+    "force",
+    "progress",
+    "max_eval_blocks",
+}
+
+
+@dataclass
+class TrainOptions:
+    model: str
+    out: str
+    data: str
+    eval_data: str | None = None
+    eval_fraction: float = 0.05
+    adapter: str = "mixlora"
+    num_experts: int = 8
+    top_k: int = 2
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str = ALL_PROJECTIONS
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    jitter_noise: float = 0.0
+    expert_view: str = "copy"
+    granularity: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    packing: bool = True
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    eval_steps: int = 0
+    max_eval_blocks: int = 64
+    save_steps: int = 0
+    logging_steps: int = 1
+    seed: int = 0
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise OptionError(
+                f"unknown --adapter {self.adapter!r}; choose from {', '.join(ADAPTERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise OptionError(
+                f"unknown --schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}"
+            )
+        if self.dtype not in DTYPES:
+            raise OptionError(f"unknown --dtype {self.dtype!r}; choose float32 or bfloat16")
+        self.dtype = DTYPES[self.dtype]
+        positive = ("batch_size", "grad_accum", "r", "num_experts", "top_k", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("eval_steps", "save_steps", "warmup_steps", "max_eval_blocks"):
+            if getattr(self, name) < 0:
+                raise OptionError(f"--{name.replace('_', '-')} must not be negative")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise OptionError("--max-steps must be at least 1")
+        if self.epochs <= 0:
+            raise OptionError("--epochs must be positive")
+        if self.lr <= 0:
+            raise OptionError("--lr must be positive")
+        if self.seq_len < 2:
+            raise OptionError("--seq-len must be at least 2")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise OptionError("--load-in-4bit and --load-in-8bit exclude each other")
+        if self.adapter != "mixlora":
+            for name, default in (("expert_view", "copy"), ("granularity", 1)):
+                if getattr(self, name) != default:
+                    raise OptionError(f"--{name.replace('_', '-')} applies to --adapter mixlora")
+
+    @property
+    def modules(self) -> list[str]:
+        mods = [m.strip() for m in str(self.target_modules).split(",") if m.strip()]
+        if not mods:
+            raise OptionError("--target-modules names no module")
+        return mods
+
+    def trajectory(self) -> dict:
+        """The options that must match for --resume to continue the same run."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE}
