@@ -10,6 +10,7 @@ FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_MODULES = ATTENTION_MODULES + FFN_MODULES
 VIEWS = ("copy", "granular")
+MODES = ("mixlora", "experts")
 
 
 @dataclass
@@ -20,6 +21,10 @@ class MixLoraConfig(PeftConfig):
     `target_modules` (gate_proj/up_proj/down_proj); attention projections named there get one
     plain LoRA each. Routing is Mixtral's: softmax over experts, top-k, renormalized, so the
     model folds exactly into a stock MoE checkpoint (`upcycle merge`).
+
+    `mode="experts"` is for bases that are already MoE models (e.g. from `upcycle convert`):
+    each existing expert gets its own LoRA on its fused gate/up and down projections, and the
+    router becomes trainable; `num_experts` and `top_k` are then the model's.
 
     `expert_view="granular"` gives each expert a slice of `intermediate_size / granularity`
     neurons of the base FFN (expert e takes part e mod granularity) instead of the whole FFN.
@@ -37,6 +42,12 @@ class MixLoraConfig(PeftConfig):
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight"})
     jitter_noise: float = field(default=0.0, metadata={"help": "multiplicative input jitter"})
     router_init_std: float = field(default=0.02, metadata={"help": "router init N(0, std)"})
+    mode: str = field(
+        default="mixlora",
+        metadata={
+            "help": "mixlora: LoRA experts on a dense FFN; experts: LoRA on an MoE's experts"
+        },
+    )
     expert_view: str = field(default="copy", metadata={"help": "copy or granular"})
     granularity: int = field(default=1, metadata={"help": "parts per FFN for granular views"})
     layers_to_transform: list[int] | None = field(
@@ -85,6 +96,10 @@ class MixLoraConfig(PeftConfig):
             raise ValueError(f"r must be at least 1, got {self.r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "experts" and self.expert_view != "copy":
+            raise ValueError("expert_view applies to mode='mixlora' only")
         if self.expert_view not in VIEWS:
             raise ValueError(
                 f"expert_view must be one of {', '.join(VIEWS)}, got {self.expert_view!r}"

@@ -199,3 +199,116 @@ class LoraLinear(nn.Module, BaseTunerLayer):
 
     def merge(self, *args, **kwargs) -> None:
         raise ValueError("merge MixLoRA models with `upcycle merge`")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers 5's fused experts: gate_up_proj (E, 2I, H), down_proj (E, H, I), act_fn."""
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (
+        isinstance(gu, nn.Parameter)
+        and isinstance(down, nn.Parameter)
+        and gu.dim() == 3
+        and down.dim() == 3
+        and gu.shape[0] == down.shape[0]
+        and gu.shape[1] == 2 * down.shape[2]
+        and gu.shape[2] == down.shape[1]
+        and callable(getattr(module, "act_fn", None))
+    )
+
+
+class ExpertsLora(nn.Module, BaseTunerLayer):
+    """LoRA on every expert of an MoE layer's fused experts (split LoRA, never W + B A)."""
+
+    adapter_layer_names = ("mixlora_experts",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.mixlora_experts = nn.ModuleDict()
+        self.mixlora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config) -> None:
+        E, two_i, H = self.base_layer.gate_up_proj.shape
+        dims = {}
+        if {"gate_proj", "up_proj"} & set(config.target_modules):
+            dims["gate_up"] = (H, two_i)
+        if "down_proj" in config.target_modules:
+            dims["down"] = (two_i // 2, H)
+        self.mixlora_experts[adapter_name] = LoraExperts(E, config.r, dims)
+        p = config.lora_dropout
+        self.mixlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.scaling[adapter_name] = config.lora_alpha / config.r
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if self.disable_adapters or not self.active_adapters:
+            return self.base_layer(hidden_states, top_k_index, top_k_weights)
+        from upcycle.kernels.reference import routed_experts_lora
+
+        name = self.active_adapters[0]
+        base = self.base_layer
+        return routed_experts_lora(
+            hidden_states,
+            base.gate_up_proj,
+            base.down_proj,
+            base.act_fn,
+            top_k_weights,
+            top_k_index,
+            self.mixlora_experts[name].pairs(hidden_states.dtype),
+            self.scaling[name],
+            dropout=self.mixlora_dropout[name],
+        )
+
+
+class TrainableRouter(nn.Module, BaseTunerLayer):
+    """A stock MoE router whose weight is trained as adapter state (the base stays frozen).
+
+    The wrapped router runs unchanged with the adapter's weight in place of its own, so the
+    routing rule (softmax, top-k, normalization) is exactly the model's.
+    """
+
+    adapter_layer_names = ("mixlora_router",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.mixlora_router = nn.ParameterDict()
+        self.settings: dict[str, dict] = {}
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.aux_loss: torch.Tensor | None = None
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config) -> None:
+        weight = self.base_layer.weight.detach().float().clone()
+        self.mixlora_router[adapter_name] = nn.Parameter(weight)
+        self.settings[adapter_name] = dict(
+            aux=config.router_aux_loss_coef, z=config.router_z_loss_coef
+        )
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.disable_adapters or not self.active_adapters:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        name = self.active_adapters[0]
+        weight = self.mixlora_router[name].to(self.base_layer.weight.dtype)
+        out = torch.func.functional_call(
+            self.base_layer, {"weight": weight}, (hidden_states, *args), kwargs
+        )
+        s = self.settings[name]
+        if self.training and (s["aux"] or s["z"]) and isinstance(out, tuple) and len(out) == 3:
+            logits, _, ids = out
+            probs = torch.softmax(logits.float(), dim=-1)
+            aux = s["aux"] * balance_loss(probs, ids, logits.shape[-1])
+            if s["z"]:
+                aux = aux + s["z"] * z_loss(logits)
+            self.aux_loss = aux
+        return out

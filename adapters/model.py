@@ -8,7 +8,14 @@ import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner
 from upcycle.adapters.config import ATTENTION_MODULES
-from upcycle.adapters.layers import LoraLinear, MixLoraFFN, is_gated_ffn
+from upcycle.adapters.layers import (
+    ExpertsLora,
+    LoraLinear,
+    MixLoraFFN,
+    TrainableRouter,
+    is_fused_experts,
+    is_gated_ffn,
+)
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 _MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe")
@@ -22,7 +29,7 @@ class MixLoraModel(BaseTuner):
     """
 
     prefix = "mixlora_"
-    tuner_layer_cls = (MixLoraFFN, LoraLinear)
+    tuner_layer_cls = (MixLoraFFN, LoraLinear, ExpertsLora, TrainableRouter)
     target_module_mapping: dict = {}
 
     def inject_adapter(
@@ -36,7 +43,7 @@ class MixLoraModel(BaseTuner):
         config = self.peft_config[adapter_name]
         config.validate()
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type in _MOE_MODEL_TYPES:
+        if config.mode == "mixlora" and model_type in _MOE_MODEL_TYPES:
             raise ValueError(
                 f"the base is already an MoE model ({model_type}); put LoRA on its experts "
                 "with the experts-lora adapter instead"
@@ -55,35 +62,63 @@ class MixLoraModel(BaseTuner):
             raise ValueError("the model already has a MixLoRA adapter (one per model)")
         layers = set(config.layers_to_transform) if config.layers_to_transform else None
         attention = [m for m in config.target_modules if m in ATTENTION_MODULES]
-        ffns, linears = [], []
+        ffns, linears, experts, routers = [], [], [], []
         for name, module in model.named_modules():
             found = _LAYER_INDEX.search(name + ".")
             if found is None or (layers is not None and int(found.group(1)) not in layers):
                 continue
-            if is_gated_ffn(module):
+            if config.mode == "experts" and is_fused_experts(module):
+                experts.append(name)
+                router = name.rsplit(".", 1)[0] + ".gate"
+                weight = (
+                    getattr(model.get_submodule(router), "weight", None)
+                    if _has(model, router)
+                    else None
+                )
+                if weight is None or weight.shape != (
+                    module.gate_up_proj.shape[0],
+                    module.gate_up_proj.shape[2],
+                ):
+                    raise ValueError(
+                        f"{name}: no router `gate` with an (experts, hidden) weight next to it"
+                    )
+                routers.append(router)
+            elif config.mode == "mixlora" and is_gated_ffn(module):
                 ffns.append(name)
             elif isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in attention:
                 linears.append(name)
-        if not ffns:
+        if config.mode == "experts":
+            if not experts:
+                raise ValueError(
+                    "found no MoE experts (fused gate_up_proj/down_proj) in the model; "
+                    "for a dense base use the mixlora adapter"
+                )
+            first = model.get_submodule(experts[0]).gate_up_proj
+            config.num_experts = int(first.shape[0])
+            config.top_k = int(getattr(model.config, "num_experts_per_tok", config.top_k))
+        elif not ffns:
             raise ValueError(
                 "found no gated FFN (gate_proj, up_proj, down_proj) in the model to turn into "
                 "LoRA experts"
             )
         for name in ffns:
             self._replace(model, name, lambda m: MixLoraFFN(m, adapter_name, config))
+        for name in experts:
+            self._replace(model, name, lambda m: ExpertsLora(m, adapter_name, config))
+        for name in routers:
+            self._replace(model, name, lambda m: TrainableRouter(m, adapter_name, config))
         for name in linears:
             self._replace(model, name, lambda m: LoraLinear(m, adapter_name, config))
-        self.targeted_module_names = ffns + linears
+        self.targeted_module_names = ffns + experts + routers + linears
         for module in model.modules():
             if isinstance(module, self.tuner_layer_cls):
-                module.to(
-                    module.base_layer.weight.device
-                    if isinstance(module, LoraLinear)
-                    else module.base_layer.gate_proj.weight.device
-                )
+                device = next(module.base_layer.parameters()).device
+                for attr in module.adapter_layer_names:
+                    getattr(module, attr).to(device)
         trainable = not config.inference_mode
         for name, param in model.named_parameters():
-            param.requires_grad = trainable and f".{adapter_name}." in name and self.prefix in name
+            ours = f".{adapter_name}." in name or name.endswith(f".{adapter_name}")
+            param.requires_grad = trainable and ours and self.prefix in name
 
     @staticmethod
     def _replace(model: nn.Module, name: str, make) -> None:
@@ -98,8 +133,9 @@ class MixLoraModel(BaseTuner):
         for name, param in model.named_parameters():
             param.requires_grad = self.prefix in name and "base_layer" not in name
 
-    def mixlora_layers(self) -> list[MixLoraFFN]:
-        return [m for m in self.model.modules() if isinstance(m, MixLoraFFN)]
+    def mixlora_layers(self) -> list[nn.Module]:
+        """The layers that compute a router loss."""
+        return [m for m in self.model.modules() if isinstance(m, (MixLoraFFN, TrainableRouter))]
 
     def forward(self, *args, **kwargs):
         layers = self.mixlora_layers()
@@ -119,3 +155,11 @@ class MixLoraModel(BaseTuner):
             "MixLoRA experts do not fold into a dense model; export a stock MoE checkpoint "
             "with `upcycle merge RUN OUT` (or upcycle.merge.merge)"
         )
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

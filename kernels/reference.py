@@ -131,3 +131,48 @@ def balance_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int) -> to
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean squared log-sum-exp of the router logits."""
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def routed_experts_lora(
+    x: torch.Tensor,
+    gate_up_w: torch.Tensor,
+    down_w: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    lora: dict[str, LoraPair],
+    scaling: float,
+    *,
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """An MoE layer with separate frozen experts plus per-expert LoRA deltas.
+
+    gate_up_w (E, 2I, H) and down_w (E, H, I) in transformers' fused layout; lora "gate_up"
+    (A (E, r, H), B (E, 2I, r)) and "down" (A (E, r, I), B (E, H, r)), either optional.
+    Tokens are sorted by expert once; each expert's base GEMMs and LoRA run on its segment.
+    """
+    drop = dropout or (lambda t: t)
+    num_experts = gate_up_w.shape[0]
+    order, tokens, counts = sort_by_expert(experts, num_experts)
+    w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+    lora = {role: (a, b * scaling) for role, (a, b) in lora.items()}
+    xs = x[tokens]
+    xd = drop(x)[tokens] if "gate_up" in lora else xs
+    outs = []
+    start = 0
+    for e, n in enumerate(counts):
+        seg = xs[start : start + n]
+        gu = F.linear(seg, gate_up_w[e])
+        if "gate_up" in lora:
+            a, b = lora["gate_up"]
+            gu = gu + (xd[start : start + n] @ a[e].t()) @ b[e].t()
+        gate, up = gu.chunk(2, dim=-1)
+        h = act(gate) * up
+        y = F.linear(h, down_w[e])
+        if "down" in lora:
+            a, b = lora["down"]
+            y = y + (drop(h) @ a[e].t()) @ b[e].t()
+        outs.append(y)
+        start += n
+    ys = torch.cat(outs) * w
+    return x.new_zeros(x.shape).index_add(0, tokens, ys)

@@ -282,3 +282,29 @@ def test_train_bad_input(tmp_path, cli, setup):
     (tmp_path / "busy" / "x").write_text("x")
     assert_one_line_error(cli("train", base, tmp_path / "busy", "--data", data), "not empty")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_experts_lora_run_on_a_converted_moe(tmp_path, cli, setup):
+    base, data = setup
+    moe = tmp_path / "moe"
+    assert cli("convert", base, moe, "-E", "4", "-k", "2", "-q").code == 0
+    out = tmp_path / "run"
+    args = [
+        "--data",
+        data,
+        "--max-steps",
+        "2",
+        "--adapter",
+        "experts-lora",
+        "--seq-len",
+        "16",
+        "-q",
+    ]
+    r = cli("train", moe, out, *args)
+    assert r.code == 0, r.err
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["mode"] == "experts" and cfg["num_experts"] == 4
+    assert all(e["aux_loss"] > 0 for e in metrics(out) if "loss" in e)
+    assert cli("merge", out, tmp_path / "merged", "-q").code == 0
+    r = cli("train", base, tmp_path / "bad", "--data", data, "--adapter", "experts-lora", "-q")
+    assert_one_line_error(r, "found no MoE experts")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -140,28 +141,40 @@ class Adapter:
 
 
 class PatchedCheckpoint(Checkpoint):
-    """A checkpoint whose listed weights read as weight + fp32 delta (cast back on the way out)."""
+    """A checkpoint whose listed weights read as weight + fp32 delta (cast back on the way out).
 
-    def __init__(self, path: str, deltas: dict[str, np.ndarray]):
+    `deltas` maps tensor names to arrays, or to (shape, function) pairs computed on demand;
+    `replace` maps tensor names to arrays that stand in for the stored ones.
+    """
+
+    def __init__(self, path: str, deltas: dict, replace: dict[str, np.ndarray] | None = None):
         super().__init__(path)
         self.deltas = deltas
-        for name, delta in deltas.items():
+        self.replace = replace or {}
+        for name, delta in [*deltas.items(), *self.replace.items()]:
+            shape = delta[0] if isinstance(delta, tuple) else delta.shape
             if name not in self.infos:
                 raise InputError(
                     f"the adapter does not fit {path}: the base has no tensor {name} "
                     "(was it trained on another model?)"
                 )
-            if tuple(self.infos[name].shape) != delta.shape:
+            if tuple(self.infos[name].shape) != tuple(shape):
                 raise InputError(
                     f"the adapter does not fit {path}: {name} is {list(self.infos[name].shape)} "
-                    f"in the base but {list(delta.shape)} in the adapter"
+                    f"in the base but {list(shape)} in the adapter"
                 )
 
     def get(self, name: str, dtype: str | None = None) -> np.ndarray:
+        stored = self.infos[name].dtype if name in self.infos else None
+        if name in self.replace:
+            return cast(
+                np.ascontiguousarray(self.replace[name], np.float32), "F32", dtype or stored
+            )
         if name not in self.deltas:
             return super().get(name, dtype)
-        stored = self.infos[name].dtype
-        merged = to_float32(super().get(name), stored) + self.deltas[name]
+        delta = self.deltas[name]
+        delta = delta[1]() if isinstance(delta, tuple) else delta
+        merged = to_float32(super().get(name), stored) + delta
         return cast(merged, "F32", dtype or stored)
 
 
@@ -290,9 +303,26 @@ def merge(
     check_output_dir(out, force)
     adapter = Adapter(run)
     base_dir = _resolve_base(adapter, base, log)
+    if adapter.kind == "MIXLORA" and adapter.config.get("mode") == "experts":
+        if target:
+            raise UnsupportedError(
+                "--target does not apply: an experts-lora run keeps its MoE architecture"
+            )
+        ckpt = Checkpoint(base_dir)
+        deltas, replace = experts_patches(adapter, ckpt)
+        ckpt = PatchedCheckpoint(base_dir, {**adapter.linear_deltas(), **deltas}, replace)
+        adapter.check_base(ckpt, _embed_name(ckpt))
+        return merge_dense(
+            ckpt,
+            out,
+            adapter,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            force=force,
+            progress=progress,
+        )
     ckpt = PatchedCheckpoint(base_dir, adapter.linear_deltas())
-    embed = next((n for n in ckpt.keys() if n.endswith("embed_tokens.weight")), None)
-    adapter.check_base(ckpt, embed)
+    adapter.check_base(ckpt, _embed_name(ckpt))
     if adapter.kind == "LORA":
         if target:
             raise UnsupportedError(
@@ -324,6 +354,56 @@ def merge(
     return convert(
         base_dir, out, opts, force=force, progress=progress, log=log, method=method, ckpt=ckpt
     )
+
+
+def _embed_name(ckpt) -> str | None:
+    return next((n for n in ckpt.keys() if n.endswith("embed_tokens.weight")), None)
+
+
+def experts_patches(adapter: Adapter, ckpt: Checkpoint) -> tuple[dict, dict]:
+    """Per-expert LoRA deltas and trained routers of an experts-lora run, by tensor name."""
+    from upcycle.arch.targets import TARGETS
+
+    target = TARGETS.get(ckpt.model_type)
+    if target is None:
+        raise UnsupportedError(
+            f"cannot merge experts-lora into a {ckpt.model_type} base "
+            f"(supported: {', '.join(TARGETS)})"
+        )
+    deltas: dict = {}
+    replace: dict[str, np.ndarray] = {}
+    s = np.float32(adapter.scaling)
+    found = 0
+    for key, t in adapter.tensors.items():
+        m = re.match(r"^(model\.layers\.\d+\.)mlp\.gate\.mixlora_router$", key)
+        if m:
+            replace[m.group(1) + target.router] = t
+            found += 1
+            continue
+        m = re.match(
+            r"^(model\.layers\.\d+\.)mlp\.experts\.mixlora_experts\.(gate_up|down)_A$", key
+        )
+        if not m:
+            continue
+        prefix, role = m.groups()
+        b = adapter.tensors[key[:-1] + "B"]
+        for e in range(t.shape[0]):
+            if role == "down":
+                deltas[prefix + target.expert_name(e, "down")] = (
+                    (b.shape[1], t.shape[2]),
+                    lambda a=t[e], b=b[e]: s * (b @ a),
+                )
+            else:
+                half = b.shape[1] // 2
+                for name, rows in (("gate", slice(0, half)), ("up", slice(half, None))):
+                    deltas[prefix + target.expert_name(e, name)] = (
+                        (half, t.shape[2]),
+                        lambda a=t[e], b=b[e, rows]: s * (b @ a),
+                    )
+        found += 1
+    if not found:
+        raise InputError(f"{adapter.path}: the adapter has no expert LoRA or router tensors")
+    return deltas, replace
 
 
 def merge_dense(
@@ -388,7 +468,7 @@ def merge_dense(
             json.dump(
                 {
                     "upcycle_version": __version__,
-                    "method": "lora-merge",
+                    "method": "experts-lora-merge" if adapter.kind == "MIXLORA" else "lora-merge",
                     "source": {"path": ckpt.path},
                     "adapter": adapter.path,
                     "adapter_config": adapter.config,
@@ -399,11 +479,16 @@ def merge_dense(
             f.write("\n")
         size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
     total = sum(int(np.prod(s)) for _, _, s in entries)
+    active = total
+    experts_total = sum(int(np.prod(s)) for n, _, s in entries if ".experts." in n)
+    E = config.get("num_local_experts") or config.get("num_experts")
+    if experts_total and E and config.get("num_experts_per_tok"):
+        active = total - experts_total * (E - config["num_experts_per_tok"]) // E
     return Summary(
         os.path.abspath(out),
         config.get("architectures", ["?"])[0],
         total,
-        total,
+        active,
         size,
         time.perf_counter() - start,
     )

@@ -143,7 +143,8 @@ def adapter_config(opts: TrainOptions):
                 task_type="CAUSAL_LM",
             )
         else:
-            config = adapters.ExpertsLoraConfig(
+            config = adapters.MixLoraConfig(
+                mode="experts",
                 r=opts.r,
                 lora_alpha=opts.alpha,
                 lora_dropout=opts.dropout,
