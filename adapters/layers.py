@@ -97,7 +97,7 @@ class MixLoraFFN(nn.Module, BaseTunerLayer):
         self.mixlora_router[adapter_name] = router
         self.mixlora_experts[adapter_name] = LoraExperts(E, config.r, {r: dims[r] for r in roles})
         p = config.lora_dropout
-        self.mixlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.mixlora_dropout[adapter_name] = make_dropout(p)
         self.settings[adapter_name] = dict(
             num_experts=E,
             top_k=config.top_k,
@@ -182,7 +182,7 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         self.mixlora_A[adapter_name] = a
         self.mixlora_B[adapter_name] = b
         p = config.lora_dropout
-        self.mixlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.mixlora_dropout[adapter_name] = make_dropout(p)
         self.scaling[adapter_name] = config.lora_alpha / config.r
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
@@ -242,7 +242,7 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
             dims["down"] = (two_i // 2, H)
         self.mixlora_experts[adapter_name] = LoraExperts(E, config.r, dims)
         p = config.lora_dropout
-        self.mixlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.mixlora_dropout[adapter_name] = make_dropout(p)
         self.scaling[adapter_name] = config.lora_alpha / config.r
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
@@ -312,3 +312,40 @@ class TrainableRouter(nn.Module, BaseTunerLayer):
                 aux = aux + s["z"] * z_loss(logits)
             self.aux_loss = aux
         return out
+
+
+class FastDropout(nn.Module):
+    """nn.Dropout with a cheaper random mask (`upcycle.kernels.reference.fast_dropout`)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from upcycle.kernels.reference import fast_dropout
+
+        return fast_dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def make_dropout(p: float) -> nn.Module:
+    return FastDropout(p) if p > 0 else nn.Identity()
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Swap the nn.Dropout modules of peft LoRA layers for FastDropout (same p); returns how many.
+
+    Plain LoRA trained by `upcycle train` uses the same dropout as MixLoRA, so the two compare
+    on their own merits.
+    """
+    count = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, nn.ModuleDict):
+            for key, d in list(drops.items()):
+                if type(d) is nn.Dropout:
+                    drops[key] = FastDropout(d.p)
+                    count += 1
+    return count

@@ -14,6 +14,7 @@ LoRA A stacks (E, r, in) and B stacks (E, out, r), in peft's orientation (delta 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -176,3 +177,37 @@ def routed_experts_lora(
         start += n
     ys = torch.cat(outs) * w
     return x.new_zeros(x.shape).index_add(0, tokens, ys)
+
+
+def dropout_mask(shape, p: float, device=None) -> torch.Tensor:
+    """A keep-mask with P(keep) = 1 - p (to 1/65536), from 16-bit random integers.
+
+    The integers come four at a time from full-range 64-bit draws, which makes the mask about
+    4x cheaper on CPU than the float Bernoulli draws behind `F.dropout`.
+    """
+    n = math.prod(shape)
+    words = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device)
+    bits = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[:n].view(shape)
+    return bits >= int(round(p * 65536)) - 32768
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask, scale):
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return (x * mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return (grad * mask).mul_(ctx.scale), None, None
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout like `F.dropout`, with a cheaper mask (see `dropout_mask`); the mask
+    is kept as booleans, not as a float tensor."""
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - round(p * 65536) / 65536
+    return _Dropout.apply(x, dropout_mask(x.shape, p, x.device), 1.0 / keep)

@@ -308,3 +308,28 @@ def test_experts_lora_run_on_a_converted_moe(tmp_path, cli, setup):
     assert cli("merge", out, tmp_path / "merged", "-q").code == 0
     r = cli("train", base, tmp_path / "bad", "--data", data, "--adapter", "experts-lora", "-q")
     assert_one_line_error(r, "found no MoE experts")
+
+
+def test_loss_on_kept_logits_equals_the_full_loss(tmp_path):
+    """Computing logits only where a trained token is predicted changes nothing but speed."""
+    import upcycle.adapters as A
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from upcycle.train.data import build_blocks
+    from upcycle.train.loop import batch_loss, micro_batch
+
+    base = save_tiny(str(tmp_path / "base"), "llama", tokenizer=True)
+    tok = AutoTokenizer.from_pretrained(base)
+    records = [{"prompt": " ".join(WORDS[: 3 + i]), "response": "cat sat"} for i in range(4)]
+    blocks = build_blocks(records, tok, seq_len=32, packing=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), A.MixLoraConfig(r=2))
+    model.train()
+    batch = micro_batch(blocks, torch.arange(4), "cpu")
+    assert batch["input_ids"].shape[1] < 32  # trailing padding trimmed
+    torch.manual_seed(0)
+    kept, aux_kept = batch_loss(model, batch, 5.0)
+    torch.manual_seed(0)
+    out = model(**batch, num_items_in_batch=5.0)
+    torch.testing.assert_close(kept, out.loss - out.aux_loss)
+    torch.testing.assert_close(aux_kept, out.aux_loss)

@@ -167,9 +167,14 @@ def attach_adapter(model, config):
         if unknown:
             raise OptionError(f"unknown target module {unknown[0]!r}: the model has none")
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:
         raise OptionError(str(e).splitlines()[0]) from None
+    if isinstance(config, LoraConfig):
+        from upcycle.adapters.layers import use_fast_dropout
+
+        use_fast_dropout(model)
+    return model
 
 
 def _check_out(opts: TrainOptions) -> str | None:
@@ -217,6 +222,48 @@ class _Sigint:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+def trimmed_length(blocks: Blocks, rows: torch.Tensor) -> int:
+    """Columns up to the last real token of any row (padding after it is never computed)."""
+    mask = blocks.attention_mask[rows]
+    filled = mask.any(dim=0).nonzero()
+    return int(filled[-1]) + 1 if len(filled) else 1
+
+
+def micro_batch(blocks: Blocks, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    length = trimmed_length(blocks, rows)
+    return {
+        "input_ids": blocks.input_ids[rows, :length].to(device),
+        "attention_mask": blocks.attention_mask[rows, :length].to(device),
+        "labels": blocks.labels[rows, :length].to(device),
+    }
+
+
+def batch_loss(model, batch: dict, num_items: float):
+    """(token-loss sum / num_items, router aux loss or None) for one micro-batch.
+
+    Logits are computed only at positions that predict a trained token (transformers'
+    `logits_to_keep`), which skips the LM head on prompts and padding when they are a large
+    share of the batch.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    wanted = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
+    if len(wanted) > 0.9 * targets.shape[1]:
+        out = model(**batch, num_items_in_batch=num_items)
+        aux = getattr(out, "aux_loss", None)
+        return (out.loss - aux if aux is not None else out.loss), aux
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, logits_to_keep=wanted)
+    logits = out.logits.float()
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets[:, wanted].reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return loss / num_items, getattr(out, "aux_loss", None)
 
 
 def evaluate_loss(model, blocks: Blocks, batch_size: int, acc) -> float:
@@ -371,29 +418,26 @@ def train(opts: TrainOptions, log=None) -> dict:
             lm_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
             aux_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
             for m in range(opts.grad_accum):
-                rows = idx[m, rank]
+                batch = micro_batch(blocks, idx[m, rank], acc.device)
                 sync = m == opts.grad_accum - 1
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
                 with ctx:
-                    out = model(
-                        input_ids=blocks.input_ids[rows].to(acc.device),
-                        attention_mask=blocks.attention_mask[rows].to(acc.device),
-                        labels=blocks.labels[rows].to(acc.device),
-                        num_items_in_batch=max(global_count, 1) / world,
-                    )
-                    aux = getattr(out, "aux_loss", None)
-                    lm = out.loss - aux if aux is not None else out.loss
+                    lm, aux = batch_loss(model, batch, max(global_count, 1) / world)
                     loss = lm + aux / opts.grad_accum if aux is not None else lm
                     acc.backward(loss)
                 lm_sum += lm.detach().double()
                 if aux is not None:
                     aux_sum += aux.detach().double() / opts.grad_accum
+            tokens_seen += sum(
+                trimmed_length(blocks, idx[m, r]) * opts.batch_size
+                for m in range(opts.grad_accum)
+                for r in range(world)
+            )
             grad_norm = acc.clip_grad_norm_(params, opts.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += global_batch * opts.seq_len
             stats = acc.reduce(torch.stack([lm_sum, aux_sum]), reduction="mean")
             elapsed = time.perf_counter() - t0
             tps = (tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
