@@ -125,7 +125,7 @@ class Adapter:
             b = self.tensors.get(f"{module}.{b_name}")
             if b is None:
                 raise InputError(f"{self.path}: {module} has a LoRA A but no B")
-            deltas[module + ".weight"] = np.float32(self.scaling) * (b @ a)
+            deltas[module + ".weight"] = self.scaling * (b.astype(np.float64) @ a)
         return deltas
 
     def mixlora_layers(self) -> dict[str, dict[str, np.ndarray]]:
@@ -174,8 +174,8 @@ class PatchedCheckpoint(Checkpoint):
             return super().get(name, dtype)
         delta = self.deltas[name]
         delta = delta[1]() if isinstance(delta, tuple) else delta
-        merged = to_float32(super().get(name), stored) + delta
-        return cast(merged, "F32", dtype or stored)
+        merged = to_float32(super().get(name), stored) + delta  # float64: one rounding at the end
+        return cast(merged.astype(np.float32), "F32", dtype or stored)
 
 
 class MixLoraMerge:
@@ -255,15 +255,15 @@ class MixLoraMerge:
                 a, b = lay.get(f"{role}_A"), lay.get(f"{role}_B")
                 m = w[role]
                 if a is not None:
-                    delta = b[e] @ a[e]
+                    delta = b[e].astype(np.float64) @ a[e]
                     if delta.shape != m.shape:
                         raise InputError(
                             f"the adapter does not fit the base model: layer {i}'s {role} LoRA "
                             f"is {list(delta.shape)}, the FFN slice {list(m.shape)}"
                         )
-                    m = m + np.float32(self.scaling) * delta
+                    m = m + self.scaling * delta
                 if role == "down" and scale != 1.0:
-                    m = m * np.float32(scale)
+                    m = m * scale
                 expert[role] = cast(np.ascontiguousarray(m, np.float32), "F32", dtype)
             experts.append(expert)
         return MoELayer(router=router.astype(np.float32), experts=experts)
@@ -289,7 +289,7 @@ def merge(
     *,
     base: str | None = None,
     target: str | None = None,
-    dtype: str = "source",
+    dtype: str = "float32",
     max_shard_size: str = "5GB",
     force: bool = False,
     progress: bool = True,
@@ -372,7 +372,7 @@ def experts_patches(adapter: Adapter, ckpt: Checkpoint) -> tuple[dict, dict]:
         )
     deltas: dict = {}
     replace: dict[str, np.ndarray] = {}
-    s = np.float32(adapter.scaling)
+    s = adapter.scaling
     found = 0
     for key, t in adapter.tensors.items():
         m = re.match(r"^(model\.layers\.\d+\.)mlp\.gate\.mixlora_router$", key)
@@ -391,14 +391,14 @@ def experts_patches(adapter: Adapter, ckpt: Checkpoint) -> tuple[dict, dict]:
             if role == "down":
                 deltas[prefix + target.expert_name(e, "down")] = (
                     (b.shape[1], t.shape[2]),
-                    lambda a=t[e], b=b[e]: s * (b @ a),
+                    lambda a=t[e], b=b[e]: s * (b.astype(np.float64) @ a),
                 )
             else:
                 half = b.shape[1] // 2
                 for name, rows in (("gate", slice(0, half)), ("up", slice(half, None))):
                     deltas[prefix + target.expert_name(e, name)] = (
                         (half, t.shape[2]),
-                        lambda a=t[e], b=b[e, rows]: s * (b @ a),
+                        lambda a=t[e], b=b[e, rows]: s * (b.astype(np.float64) @ a),
                     )
         found += 1
     if not found:

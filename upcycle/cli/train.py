@@ -113,7 +113,10 @@ def train(model, out, quiet, **options):
     "--target", default=None, help="MoE architecture for MixLoRA runs (default: per family)."
 )
 @click.option(
-    "--dtype", default="source", show_default=True, help="source, float32, bfloat16 or float16."
+    "--dtype",
+    default="float32",
+    show_default=True,
+    help="float32, bfloat16, float16 or source. bfloat16 rounds away much of each LoRA delta.",
 )
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
