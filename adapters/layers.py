@@ -135,11 +135,10 @@ class MixLoraFFN(nn.Module, BaseTunerLayer):
         h = x.reshape(-1, shape[-1])
         weights, ids, _ = self.route(h, name)
         base = self.base_layer
+        plain = all(type(getattr(base, n)) is nn.Linear for n in ROLES)
         y = routed_lora_ffn(
             h,
-            base.gate_proj.weight,
-            base.up_proj.weight,
-            base.down_proj.weight,
+            *(getattr(base, n).weight if plain else getattr(base, n) for n in ROLES),
             base.act_fn,
             weights,
             ids,

@@ -39,6 +39,11 @@ def _segment_lora(xs: torch.Tensor, counts: list[int], pair: LoraPair) -> torch.
     return torch.cat(parts)
 
 
+def _project(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w^T for a weight tensor, or w(x) for a module (e.g. a quantized linear layer)."""
+    return F.linear(x, w) if torch.is_tensor(w) else w(x)
+
+
 def routed_lora_ffn(
     x: torch.Tensor,
     gate_w: torch.Tensor,
@@ -66,8 +71,8 @@ def routed_lora_ffn(
     order, tokens, counts = sort_by_expert(experts, num_experts)
     w = (weights.reshape(-1)[order] * expert_scale).to(x.dtype).unsqueeze(-1)
     lora = {role: (a, b * scaling) for role, (a, b) in lora.items()}  # fold the scale into B
-    g = F.linear(x, gate_w)
-    u = F.linear(x, up_w)
+    g = _project(x, gate_w)
+    u = _project(x, up_w)
     # one dropout mask per token for the gate/up LoRA inputs, shared by its k experts
     xd = drop(x)[tokens] if ("gate" in lora or "up" in lora) else None
     if slices is None:
@@ -78,7 +83,7 @@ def routed_lora_ffn(
             us = us + _segment_lora(xd, counts, lora["up"])
         hs = act(gs) * us
         mixed = x.new_zeros(T, g.shape[1]).index_add(0, tokens, hs * w)
-        y = F.linear(mixed, down_w)
+        y = _project(mixed, down_w)
         if "down" in lora:
             dd = _segment_lora(drop(hs), counts, lora["down"])
             y = y.index_add(0, tokens, dd * w)
@@ -105,7 +110,7 @@ def routed_lora_ffn(
             a, b = lora["down"]
             deltas.append(((drop(he) @ a[e].t()) @ b[e].t()) * we)
         start += n
-    y = F.linear(x.new_zeros(T, g.shape[1]).index_add(0, tokens, spread), down_w)
+    y = _project(x.new_zeros(T, g.shape[1]).index_add(0, tokens, spread), down_w)
     if deltas:
         y = y.index_add(0, tokens, torch.cat(deltas))
     return y

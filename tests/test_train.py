@@ -333,3 +333,26 @@ def test_loss_on_kept_logits_equals_the_full_loss(tmp_path):
     out = model(**batch, num_items_in_batch=5.0)
     torch.testing.assert_close(kept, out.loss - out.aux_loss)
     torch.testing.assert_close(aux_kept, out.aux_loss)
+
+
+def test_example_configs_are_valid_train_options():
+    """Every YAML under examples/configs opens with its command and uses only known options."""
+    import glob
+
+    import yaml
+
+    from upcycle.cli.train import train as train_command
+    from upcycle.train.options import TrainOptions
+
+    known = {p.name for p in train_command.params}
+    paths = sorted(
+        glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "*.yaml"))
+    )
+    assert len(paths) >= 3
+    for path in paths:
+        with open(path) as f:
+            text = f.read()
+        assert text.startswith("# upcycle ") or text.startswith("# python "), path
+        config = yaml.safe_load(text)
+        assert set(config) <= known, (path, set(config) - known)
+        TrainOptions(model="m", out="o", **{"data": "builtin", **config}).validate()
