@@ -57,3 +57,56 @@ def test_real_default_model_copy_upcycling_is_exact(tmp_path):
     b = moe.generate(**inputs, max_new_tokens=20, do_sample=False)
     assert torch.equal(a, b)
     assert "Paris" in tok.decode(a[0, inputs["input_ids"].shape[1] :])
+
+
+@pytest.mark.slow
+def test_real_default_model_mixlora_train_merge(tmp_path):
+    """MixLoRA on SmolLM2-135M: a short run lowers the held-out loss; the merged Mixtral
+    checkpoint loads in stock transformers and matches the adapter model (fp32, <= 1e-4)."""
+    import json
+
+    import upcycle.adapters  # noqa: F401
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from upcycle.io.default_model import fetch_default
+
+    src = fetch_default()
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    r = run_cli(
+        "train",
+        "default",
+        run,
+        "--data",
+        "builtin",
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--lr",
+        "5e-4",
+        "--max-eval-blocks",
+        "16",
+        "-q",
+    )
+    assert r.code == 0, r.err
+    final = json.loads((run / "upcycle_train.json").read_text())["final"]
+    assert final["eval_loss"] < final["eval_loss_before"]
+    assert run_cli("merge", run, merged, "-q").code == 0
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    batch = tok.apply_chat_template(
+        [{"role": "user", "content": "What does os.path.join do?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    moe = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), str(run)
+    ).eval()
+    with torch.no_grad():
+        diff = (moe(**batch).logits - adapted(**batch).logits).abs().max().item()
+    assert diff <= 1e-4, diff
