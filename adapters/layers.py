@@ -56,6 +56,8 @@ class MixLoraFFN(nn.Module, BaseTunerLayer):
             if getattr(base_layer, name).bias is not None:
                 raise ValueError(f"MixLoRA needs bias-free FFN projections ({name} has a bias)")
         self.base_layer = base_layer
+        probe = torch.linspace(-6, 6, 97)
+        self.silu = bool(torch.allclose(base_layer.act_fn(probe), F.silu(probe)))
         self.mixlora_router = nn.ModuleDict()
         self.mixlora_experts = nn.ModuleDict()
         self.mixlora_dropout = nn.ModuleDict()
@@ -107,6 +109,7 @@ class MixLoraFFN(nn.Module, BaseTunerLayer):
             jitter=config.jitter_noise,
             slices=slices,
             expert_scale=expert_scale,
+            dropout=p,
         )
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
@@ -136,6 +139,23 @@ class MixLoraFFN(nn.Module, BaseTunerLayer):
         weights, ids, _ = self.route(h, name)
         base = self.base_layer
         plain = all(type(getattr(base, n)) is nn.Linear for n in ROLES)
+        if plain and s["slices"] is None and self.silu:
+            from upcycle.kernels.fused import routed_lora_swiglu
+
+            y = routed_lora_swiglu(
+                h,
+                base.gate_proj.weight,
+                base.up_proj.weight,
+                base.down_proj.weight,
+                weights,
+                ids,
+                s["num_experts"],
+                self.mixlora_experts[name].pairs(h.dtype),
+                s["scaling"],
+                dropout_p=s["dropout"] if self.training else 0.0,
+                expert_scale=s["expert_scale"],
+            )
+            return y.reshape(shape)
         y = routed_lora_ffn(
             h,
             *(getattr(base, n).weight if plain else getattr(base, n) for n in ROLES),

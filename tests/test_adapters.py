@@ -231,3 +231,58 @@ def test_refuses_moe_bases_and_a_second_adapter():
     model = get_peft_model(tiny_model(), A.MixLoraConfig(num_experts=2, top_k=1))
     with pytest.raises(ValueError, match="already has a MixLoRA adapter"):
         model.add_adapter("second", A.MixLoraConfig(num_experts=2, top_k=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fused_layer_matches_reference_with_dropout(dtype):
+    """The lean-backward Function equals autograd on the reference, dropout masks included."""
+    from upcycle.kernels.fused import routed_lora_swiglu
+    from upcycle.kernels.reference import fast_dropout, routed_lora_ffn
+
+    g = torch.Generator().manual_seed(0)
+    T, H, inter, E, K, r = 37, 24, 40, 5, 2, 3
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.3).to(dtype).requires_grad_()
+
+    x = rand(T, H)
+    gate_w, up_w, down_w = (
+        torch.randn(*s, generator=g).to(dtype) * 0.2 for s in ((inter, H), (inter, H), (H, inter))
+    )
+    logits = rand(T, E)
+    lora = {
+        "gate": (rand(E, r, H), rand(E, inter, r)),
+        "up": (rand(E, r, H), rand(E, inter, r)),
+        "down": (rand(E, r, inter), rand(E, H, r)),
+    }
+    params = [x, logits, *(t for pair in lora.values() for t in pair)]
+
+    def run(fused):
+        w, ids = torch.topk(torch.softmax(logits.float(), -1), K)
+        w = w / w.sum(-1, keepdim=True)
+        torch.manual_seed(7)
+        if fused:
+            y = routed_lora_swiglu(x, gate_w, up_w, down_w, w, ids, E, lora, 2.0, dropout_p=0.25)
+        else:
+            y = routed_lora_ffn(
+                x,
+                gate_w,
+                up_w,
+                down_w,
+                torch.nn.functional.silu,
+                w,
+                ids,
+                E,
+                lora,
+                2.0,
+                dropout=lambda t: fast_dropout(t, 0.25),
+            )
+        up = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        return y, torch.autograd.grad((y * up).sum(), params)
+
+    y1, g1 = run(True)
+    y2, g2 = run(False)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y1, y2, **tol)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, **tol)
