@@ -44,27 +44,31 @@ class LoraExperts(nn.Module):
         }
 
 
-class MixLoraFFN(nn.Module, BaseTunerLayer):
+class _TunerLayer(nn.Module, BaseTunerLayer):
+    """State every tuner layer here shares: the wrapped module and peft's adapter bookkeeping."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+
+class MixLoraFFN(_TunerLayer):
     """A frozen gated FFN turned into E routed LoRA experts (copy or granular expert views)."""
 
     adapter_layer_names = ("mixlora_router", "mixlora_experts")
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
-        super().__init__()
         for name in ROLES:
             if getattr(base_layer, name).bias is not None:
                 raise ValueError(f"MixLoRA needs bias-free FFN projections ({name} has a bias)")
-        self.base_layer = base_layer
+        super().__init__(base_layer, adapter_name)
         probe = torch.linspace(-6, 6, 97)
         self.silu = bool(torch.allclose(base_layer.act_fn(probe), F.silu(probe)))
         self.mixlora_router = nn.ModuleDict()
         self.mixlora_experts = nn.ModuleDict()
         self.mixlora_dropout = nn.ModuleDict()
         self.settings: dict[str, dict] = {}
-        self._active_adapter = adapter_name
-        self._disable_adapters = False
-        self.merged_adapters = []
         self.aux_loss: torch.Tensor | None = None
         self.update_layer(adapter_name, config)
 
@@ -175,22 +179,18 @@ class MixLoraFFN(nn.Module, BaseTunerLayer):
         raise ValueError("MixLoRA experts cannot merge into one dense FFN; use `upcycle merge`")
 
 
-class LoraLinear(nn.Module, BaseTunerLayer):
+class LoraLinear(_TunerLayer):
     """Plain LoRA on a linear layer: y = base(x) + (alpha / r) * B(A(dropout(x)))."""
 
     adapter_layer_names = ("mixlora_A", "mixlora_B")
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, adapter_name)
         self.mixlora_A = nn.ModuleDict()
         self.mixlora_B = nn.ModuleDict()
         self.mixlora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self._active_adapter = adapter_name
-        self._disable_adapters = False
-        self.merged_adapters = []
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config) -> None:
@@ -235,21 +235,17 @@ def is_fused_experts(module: nn.Module) -> bool:
     )
 
 
-class ExpertsLora(nn.Module, BaseTunerLayer):
+class ExpertsLora(_TunerLayer):
     """LoRA on every expert of an MoE layer's fused experts (split LoRA, never W + B A)."""
 
     adapter_layer_names = ("mixlora_experts",)
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, adapter_name)
         self.mixlora_experts = nn.ModuleDict()
         self.mixlora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self._active_adapter = adapter_name
-        self._disable_adapters = False
-        self.merged_adapters = []
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config) -> None:
@@ -285,7 +281,7 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
         )
 
 
-class TrainableRouter(nn.Module, BaseTunerLayer):
+class TrainableRouter(_TunerLayer):
     """A stock MoE router whose weight is trained as adapter state (the base stays frozen).
 
     The wrapped router runs unchanged with the adapter's weight in place of its own, so the
@@ -296,13 +292,9 @@ class TrainableRouter(nn.Module, BaseTunerLayer):
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, adapter_name)
         self.mixlora_router = nn.ParameterDict()
         self.settings: dict[str, dict] = {}
-        self._active_adapter = adapter_name
-        self._disable_adapters = False
-        self.merged_adapters = []
         self.aux_loss: torch.Tensor | None = None
         self.update_layer(adapter_name, config)
 

@@ -177,7 +177,9 @@ def test_save_load_round_trip_in_a_fresh_process(tmp_path):
         "adapter_model.safetensors",
     ]
     assert json.loads((run / "adapter_config.json").read_text())["peft_type"] == "MIXLORA"
-    torch.save(want, tmp_path / "want.pt")
+    from safetensors.torch import save_file
+
+    save_file({"logits": want}, str(tmp_path / "want.safetensors"))
     script = f"""
 import torch, upcycle.adapters
 from peft import PeftConfig, PeftModel
@@ -189,7 +191,9 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_dir
 model.eval()
 with torch.no_grad():
     got = model(input_ids=torch.arange(12).reshape(2, 6)).logits
-torch.testing.assert_close(got, torch.load({str(tmp_path / "want.pt")!r}), rtol=0, atol=0)
+from safetensors.torch import load_file
+want = load_file({str(tmp_path / "want.safetensors")!r})["logits"]
+torch.testing.assert_close(got, want, rtol=0, atol=0)
 assert not any(p.requires_grad for p in model.parameters())
 print("ok")
 """

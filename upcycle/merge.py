@@ -311,23 +311,15 @@ def merge(
         ckpt = Checkpoint(base_dir)
         deltas, replace = experts_patches(adapter, ckpt)
         ckpt = PatchedCheckpoint(base_dir, {**adapter.linear_deltas(), **deltas}, replace)
-        adapter.check_base(ckpt, _embed_name(ckpt))
-        return merge_dense(
-            ckpt,
-            out,
-            adapter,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            force=force,
-            progress=progress,
-        )
-    ckpt = PatchedCheckpoint(base_dir, adapter.linear_deltas())
-    adapter.check_base(ckpt, _embed_name(ckpt))
-    if adapter.kind == "LORA":
-        if target:
+    else:
+        ckpt = PatchedCheckpoint(base_dir, adapter.linear_deltas())
+        if adapter.kind == "LORA" and target:
             raise UnsupportedError(
                 "--target applies to MixLoRA runs; a LoRA run merges into its base"
             )
+    adapter.check_base(ckpt, _embed_name(ckpt))
+    if adapter.kind == "LORA" or adapter.config.get("mode") == "experts":
+        # same architecture as the base: every tensor written under its own name
         return merge_dense(
             ckpt,
             out,
