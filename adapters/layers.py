@@ -70,6 +70,7 @@ class MixLoraFFN(_TunerLayer):
         self.mixlora_dropout = nn.ModuleDict()
         self.settings: dict[str, dict] = {}
         self.aux_loss: torch.Tensor | None = None
+        self.collect_aux = False  # set by MixLoraModel.forward only
         self.update_layer(adapter_name, config)
 
     @property
@@ -130,7 +131,8 @@ class MixLoraFFN(_TunerLayer):
             aux = s["aux"] * balance_loss(probs, ids, s["num_experts"])
             if s["z"]:
                 aux = aux + s["z"] * z_loss(logits)
-            self.aux_loss = aux
+            if self.collect_aux:
+                self.aux_loss = aux
         return weights, ids, logits
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -296,6 +298,7 @@ class TrainableRouter(_TunerLayer):
         self.mixlora_router = nn.ParameterDict()
         self.settings: dict[str, dict] = {}
         self.aux_loss: torch.Tensor | None = None
+        self.collect_aux = False  # set by MixLoraModel.forward only
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config) -> None:
@@ -321,7 +324,8 @@ class TrainableRouter(_TunerLayer):
             aux = s["aux"] * balance_loss(probs, ids, logits.shape[-1])
             if s["z"]:
                 aux = aux + s["z"] * z_loss(logits)
-            self.aux_loss = aux
+            if self.collect_aux:
+                self.aux_loss = aux
         return out
 
 

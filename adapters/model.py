@@ -138,11 +138,19 @@ class MixLoraModel(BaseTuner):
         return [m for m in self.model.modules() if isinstance(m, (MixLoraFFN, TrainableRouter))]
 
     def forward(self, *args, **kwargs):
+        # Layers keep their router loss only while this call runs. Activation checkpointing
+        # reruns layer forwards during backward; a loss kept from such a rerun would hold the
+        # layer's whole recomputed graph until the next step (about 30 MB per layer at 1k
+        # tokens on the default model).
         layers = self.mixlora_layers()
         for layer in layers:
-            layer.aux_loss = None
-        out = self.model(*args, **kwargs)
-        aux = [layer.aux_loss for layer in layers if layer.aux_loss is not None]
+            layer.aux_loss, layer.collect_aux = None, True
+        try:
+            out = self.model(*args, **kwargs)
+            aux = [layer.aux_loss for layer in layers if layer.aux_loss is not None]
+        finally:
+            for layer in layers:
+                layer.aux_loss, layer.collect_aux = None, False
         if aux:
             total = torch.stack(aux).mean()
             out.aux_loss = total

@@ -4,14 +4,21 @@ Same function as `reference.routed_lora_ffn` (copy view, SiLU gate), with a hand
 backward. Autograd on the reference keeps about six (tokens*k, I) tensors per layer for the
 backward pass; this Function keeps x, the base projections g and u (tokens, I), the boolean
 dropout masks and the rank-r LoRA activations, and recomputes the (tokens*k, I) element-wise
-work in backward. That is what lets MixLoRA train without activation checkpointing at about
-the memory the frozen model needs, and it saves the allocator traffic of the big temporaries.
+work in backward.
+
+On CPU, every fresh large tensor costs page faults (glibc hands big blocks back to the kernel
+when they are freed), which made the element-wise work as slow as the matrix products. So the
+temporaries live in a per-thread workspace that is reused by every layer and step, and the
+element-wise chains run in place. Dropout's 1/(1-p) scale is folded into the rank-r
+activations instead of being applied to (tokens*k, I) tensors.
 
 Gradients flow to x, the routing weights and the LoRA factors; the frozen base weights get
 none.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -20,70 +27,135 @@ from upcycle.kernels.reference import dropout_mask, sort_by_expert
 ROLES = ("gate", "up", "down")
 
 
-def _seg_mm(xs: torch.Tensor, counts: list[int], w: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """Concatenate xs_e @ w[e]^T (transpose) or xs_e @ w[e] over the expert segments of xs."""
-    parts = [seg @ (w[e].t() if transpose else w[e]) for e, seg in enumerate(xs.split(counts))]
-    return torch.cat(parts)
+def _seg_mm(
+    xs: torch.Tensor,
+    counts: list[int],
+    w: torch.Tensor,
+    transpose: bool,
+    out: torch.Tensor | None = None,
+    add: bool = False,
+) -> torch.Tensor:
+    """Rows of xs times w[e]^T (transpose) or w[e], expert segment by segment.
+
+    Segments are written into `out` (or a new tensor), or added to it with `add`, so the
+    per-expert products never allocate tensors whose size changes with the routing.
+    """
+    n = w.shape[1] if transpose else w.shape[2]
+    if out is None:
+        out = xs.new_empty(xs.shape[0], n)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            we = w[e].t() if transpose else w[e]
+            seg, dst = xs[start : start + c], out[start : start + c]
+            if add:
+                dst.addmm_(seg, we)
+            else:
+                torch.mm(seg, we, out=dst)
+        start += c
+    return out
 
 
 def _seg_outer(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Stack of a_e^T @ b_e over expert segments: (E, a.shape[1], b.shape[1])."""
-    return torch.stack(
-        [sa.t() @ sb for sa, sb in zip(a.split(counts), b.split(counts), strict=True)]
-    )
+    out = a.new_zeros(len(counts), a.shape[1], b.shape[1])
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            torch.mm(a[start : start + c].t(), b[start : start + c], out=out[e])
+        start += c
+    return out
+
+
+_WORKSPACE = threading.local()
+
+
+def _buffer(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized (rows, cols) scratch tensor, reused across calls on CPU.
+
+    A slot holds one temporary at a time; callers never save or return it.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(rows, cols)
+    slots = _WORKSPACE.__dict__.setdefault("slots", {})
+    key = (name, like.dtype)
+    flat = slots.get(key)
+    if flat is None or flat.numel() < rows * cols:
+        slots[key] = flat = None  # drop the old block before taking a bigger one
+        slots[key] = flat = torch.empty(rows * cols, dtype=like.dtype)
+    return flat[: rows * cols].view(rows, cols)
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch tensors (they are taken again on the next call)."""
+    _WORKSPACE.__dict__.pop("slots", None)
+
+
+def _gathered(t, tokens, low, b, counts, out) -> torch.Tensor:
+    """t[tokens] plus, when a LoRA is present, the per-expert low-rank product low_e @ b_e^T."""
+    torch.index_select(t, 0, tokens, out=out)
+    if b is not None:
+        _seg_mm(low, counts, b, True, out=out, add=True)
+    return out
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products, without an (rows, cols) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _none_if_empty(t: torch.Tensor) -> torch.Tensor | None:
+    return t if t.numel() else None
 
 
 class RoutedLoraSwiGLU(torch.autograd.Function):
+    """y = sum_k w_k * (down + LoRA_e)(silu((gate + LoRA_e) x) * (up + LoRA_e) x)."""
+
     @staticmethod
     def forward(ctx, x, gate_w, up_w, down_w, weights, experts, num_experts, p, *lora):
         # lora: A_gate, B_gate, A_up, B_up, A_down, B_down (B pre-scaled); None where absent
         A = dict(zip(ROLES, lora[0::2], strict=True))
         B = dict(zip(ROLES, lora[1::2], strict=True))
         order, tokens, counts = sort_by_expert(experts, num_experts)
-        T, TK = x.shape[0], tokens.shape[0]
+        T, TK, inter = x.shape[0], tokens.shape[0], gate_w.shape[0]
         ws = weights.reshape(-1)[order].to(x.dtype)
         g = F.linear(x, gate_w)
         u = F.linear(x, up_w)
         scale = 1.0 / (1.0 - round(p * 65536) / 65536) if p > 0 else 1.0
-        mask_x = mask_h = None
-        xd = None
-        if A["gate"] is not None or A["up"] is not None:
-            if p > 0:
-                mask_x = dropout_mask(x.shape, p, x.device)
-                xd = (x * mask_x).mul_(scale)[tokens]
-            else:
-                xd = x[tokens]
+        drop_x = drop_h = None
         low = {}
-        gs = g[tokens]
-        us = u[tokens]
-        if A["gate"] is not None:
-            low["gate"] = _seg_mm(xd, counts, A["gate"], True)
-            gs += _seg_mm(low["gate"], counts, B["gate"], True)
-        if A["up"] is not None:
-            low["up"] = _seg_mm(xd, counts, A["up"], True)
-            us += _seg_mm(low["up"], counts, B["up"], True)
-        hs = F.silu(gs).mul_(us)
-        del gs, us
-        mixed = x.new_zeros(T, g.shape[1]).index_add_(0, tokens, hs * ws[:, None])
-        y = F.linear(mixed, down_w)
-        del mixed
-        if A["down"] is not None:
+        if A["gate"] is not None or A["up"] is not None:
+            xd = x
             if p > 0:
-                mask_h = dropout_mask(hs.shape, p, x.device)
-                hd = (hs * mask_h).mul_(scale)
-            else:
-                hd = hs
-            low["down"] = _seg_mm(hd, counts, A["down"], True)
-            dd = _seg_mm(low["down"], counts, B["down"], True)
+                drop_x = dropout_mask(x.shape, p, x.device, dropped=True)
+                xd = x.masked_fill(drop_x, 0.0)
+            xd = torch.index_select(xd, 0, tokens, out=_buffer("th", TK, x.shape[1], x))
+            for role in ("gate", "up"):
+                if A[role] is not None:
+                    low[role] = _seg_mm(xd, counts, A[role], True).mul_(scale)
+        hs = _gathered(g, tokens, low.get("gate"), B["gate"], counts, _buffer("a", TK, inter, x))
+        F.silu(hs, inplace=True)
+        buf = _gathered(u, tokens, low.get("up"), B["up"], counts, _buffer("b", TK, inter, x))
+        hs.mul_(buf)
+        mixed = _buffer("t", T, inter, x).zero_()
+        mixed.index_add_(0, tokens, torch.mul(hs, ws[:, None], out=buf))
+        y = F.linear(mixed, down_w)
+        if A["down"] is not None:
+            hd = hs
+            if p > 0:
+                drop_h = dropout_mask(hs.shape, p, x.device, dropped=True)
+                hd = hs.masked_fill_(drop_h, 0.0)
+            low["down"] = _seg_mm(hd, counts, A["down"], True).mul_(scale)
+            dd = _seg_mm(low["down"], counts, B["down"], True, out=_buffer("th", TK, x.shape[1], x))
             y.index_add_(0, tokens, dd.mul_(ws[:, None]))
+        empty_mask = torch.empty(0, dtype=torch.bool)
         ctx.save_for_backward(
             x, g, u, gate_w, up_w, down_w, ws, tokens, order, *(t for t in lora),
-            mask_x if mask_x is not None else torch.empty(0, dtype=torch.bool),
-            mask_h if mask_h is not None else torch.empty(0, dtype=torch.bool),
+            drop_x if drop_x is not None else empty_mask,
+            drop_h if drop_h is not None else empty_mask,
             *(low.get(r, torch.empty(0, dtype=x.dtype)) for r in ROLES),
         )  # fmt: skip
-        ctx.present = tuple(t is not None for t in lora)
-        ctx.counts, ctx.scale, ctx.TK = counts, scale, TK
+        ctx.counts, ctx.scale = counts, scale
         ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
         return y
 
@@ -92,70 +164,64 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, g, u, gate_w, up_w, down_w, ws, tokens, order = saved[:9]
         lora = list(saved[9:15])
-        mask_x, mask_h = saved[15], saved[16]
+        drop_x, drop_h = _none_if_empty(saved[15]), _none_if_empty(saved[16])
         low = dict(zip(ROLES, saved[17:20], strict=True))
         A = dict(zip(ROLES, lora[0::2], strict=True))
         B = dict(zip(ROLES, lora[1::2], strict=True))
         counts, scale = ctx.counts, ctx.scale
+        T, H, TK, inter = x.shape[0], x.shape[1], tokens.shape[0], gate_w.shape[0]
         dy = dy.contiguous()
+        wcol = ws[:, None]
         # recompute the element-wise forward on sorted (token, slot) rows
-        gs = g[tokens]
-        us = u[tokens]
-        if A["gate"] is not None:
-            gs += _seg_mm(low["gate"], counts, B["gate"], True)
-        if A["up"] is not None:
-            us += _seg_mm(low["up"], counts, B["up"], True)
-        sig = torch.sigmoid(gs)
-        silu = gs * sig
-        hs = silu * us
+        silu = _gathered(g, tokens, low["gate"], B["gate"], counts, _buffer("a", TK, inter, x))
+        us = _gathered(u, tokens, low["up"], B["up"], counts, _buffer("b", TK, inter, x))
+        sig = torch.sigmoid(silu, out=_buffer("c", TK, inter, x))
+        silu.mul_(sig)
+        work = torch.mul(silu, us, out=_buffer("d", TK, inter, x))  # hs
+        # base down projection, through the weighted mix
+        d_mixed = torch.mm(dy, down_w, out=_buffer("t", T, inter, x))
+        d_hs = torch.index_select(d_mixed, 0, tokens, out=_buffer("e", TK, inter, x))
+        d_ws = _rowdot(d_hs, work)
+        d_hs.mul_(wcol)
         grads = {}
-        dys = dy[tokens]
-        # down LoRA: y += ws * (hd A^T) B^T
-        d_hs = (dy @ down_w)[tokens]  # base down projection, through the weighted mix
-        d_ws = (d_hs * hs).sum(-1)
-        d_hs.mul_(ws[:, None])
         if A["down"] is not None:
-            hd = (hs * mask_h).mul_(scale) if mask_h.numel() else hs
-            dd = _seg_mm(low["down"], counts, B["down"], True)
-            d_ws += (dys * dd).sum(-1)
-            del dd
-            d_dd = dys.mul_(ws[:, None])
+            hd = work.masked_fill_(drop_h, 0.0) if drop_h is not None else work
+            dys = torch.index_select(dy, 0, tokens, out=_buffer("th", TK, H, x))
+            dd = _seg_mm(low["down"], counts, B["down"], True, out=_buffer("th2", TK, H, x))
+            d_ws += _rowdot(dys, dd)
+            d_dd = dys.mul_(wcol)
             grads["B_down"] = _seg_outer(d_dd, low["down"], counts)
-            d_low = _seg_mm(d_dd, counts, B["down"], False)
+            d_low = _seg_mm(d_dd, counts, B["down"], False).mul_(scale)
             grads["A_down"] = _seg_outer(d_low, hd, counts)
-            del hd
-            d_hd = _seg_mm(d_low, counts, A["down"], False)
-            if mask_h.numel():
-                d_hd.mul_(mask_h).mul_(scale)
+            d_hd = _seg_mm(d_low, counts, A["down"], False, out=hd)
+            if drop_h is not None:
+                d_hd.masked_fill_(drop_h, 0.0)
             d_hs += d_hd
-            del d_hd
-        del dys
-        # hs = silu(gs) * us
-        d_us = d_hs * silu
-        d_gs = d_hs.mul_(us).mul_(sig * (1 + gs * (1 - sig)))
-        del hs, silu, sig, gs, us
-        T = x.shape[0]
-        d_g = x.new_zeros(T, g.shape[1]).index_add_(0, tokens, d_gs)
-        d_u = x.new_zeros(T, g.shape[1]).index_add_(0, tokens, d_us)
-        dx = d_g @ gate_w
-        dx.addmm_(d_u, up_w)
-        del d_g, d_u
-        d_xd = None
+        # hs = silu(gs) * us; silu'(gs) = sig + silu * (1 - sig)
+        dsilu = torch.mul(silu, sig, out=work).neg_().add_(silu).add_(sig)
+        d_us = silu.mul_(d_hs)
+        d_gs = d_hs.mul_(us).mul_(dsilu)
+        scatter = d_mixed.zero_().index_add_(0, tokens, d_gs)
+        dx = scatter @ gate_w
+        dx.addmm_(scatter.zero_().index_add_(0, tokens, d_us), up_w)
+        d_xd = xd = None
         for role, d_s in (("gate", d_gs), ("up", d_us)):
             if A[role] is None:
                 continue
             grads[f"B_{role}"] = _seg_outer(d_s, low[role], counts)
-            d_low = _seg_mm(d_s, counts, B[role], False)
-            if "xd" not in grads:
-                xd = (x * mask_x).mul_(scale)[tokens] if mask_x.numel() else x[tokens]
-                grads["xd"] = xd
-            grads[f"A_{role}"] = _seg_outer(d_low, grads["xd"], counts)
-            part = _seg_mm(d_low, counts, A[role], False)
-            d_xd = part if d_xd is None else d_xd.add_(part)
+            d_low = _seg_mm(d_s, counts, B[role], False).mul_(scale)
+            if xd is None:
+                xd = x.masked_fill(drop_x, 0.0) if drop_x is not None else x
+                xd = torch.index_select(xd, 0, tokens, out=_buffer("th", TK, H, x))
+            grads[f"A_{role}"] = _seg_outer(d_low, xd, counts)
+            if d_xd is None:
+                d_xd = _seg_mm(d_low, counts, A[role], False, out=_buffer("th2", TK, H, x))
+            else:
+                _seg_mm(d_low, counts, A[role], False, out=d_xd, add=True)
         if d_xd is not None:
             d_x_lora = x.new_zeros(x.shape).index_add_(0, tokens, d_xd)
-            if mask_x.numel():
-                d_x_lora.mul_(mask_x).mul_(scale)
+            if drop_x is not None:
+                d_x_lora.masked_fill_(drop_x, 0.0)
             dx += d_x_lora
         d_weights = torch.empty_like(d_ws)
         d_weights[order] = d_ws

@@ -184,16 +184,18 @@ def routed_experts_lora(
     return x.new_zeros(x.shape).index_add(0, tokens, ys)
 
 
-def dropout_mask(shape, p: float, device=None) -> torch.Tensor:
+def dropout_mask(shape, p: float, device=None, dropped: bool = False) -> torch.Tensor:
     """A keep-mask with P(keep) = 1 - p (to 1/65536), from 16-bit random integers.
 
     The integers come four at a time from full-range 64-bit draws, which makes the mask about
-    4x cheaper on CPU than the float Bernoulli draws behind `F.dropout`.
+    4x cheaper on CPU than the float Bernoulli draws behind `F.dropout`. With `dropped`, the
+    complement (True where dropped) from the same draw.
     """
     n = math.prod(shape)
     words = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device)
     bits = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[:n].view(shape)
-    return bits >= int(round(p * 65536)) - 32768
+    threshold = int(round(p * 65536)) - 32768
+    return bits < threshold if dropped else bits >= threshold
 
 
 class _Dropout(torch.autograd.Function):
@@ -201,12 +203,12 @@ class _Dropout(torch.autograd.Function):
     def forward(ctx, x, mask, scale):
         ctx.save_for_backward(mask)
         ctx.scale = scale
-        return (x * mask).mul_(scale)
+        return torch.where(mask, x, 0.0).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return (grad * mask).mul_(ctx.scale), None, None
+        return torch.where(mask, grad, 0.0).mul_(ctx.scale), None, None
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

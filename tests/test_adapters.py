@@ -239,37 +239,42 @@ def test_refuses_moe_bases_and_a_second_adapter():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_fused_layer_matches_reference_with_dropout(dtype):
-    """The lean-backward Function equals autograd on the reference, dropout masks included."""
+    """The lean-backward Function equals autograd on the reference, dropout masks included.
+
+    In fp64 the two agree to rounding. In bf16 they round differently, so each is compared
+    with the fp64 reference: the fused error must be of the same order as the reference's.
+    """
     from upcycle.kernels.fused import routed_lora_swiglu
     from upcycle.kernels.reference import fast_dropout, routed_lora_ffn
 
     g = torch.Generator().manual_seed(0)
     T, H, inter, E, K, r = 37, 24, 40, 5, 2, 3
 
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g) * 0.3).to(dtype).requires_grad_()
+    def rand(*shape, scale=0.3):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
-    x = rand(T, H)
-    gate_w, up_w, down_w = (
-        torch.randn(*s, generator=g).to(dtype) * 0.2 for s in ((inter, H), (inter, H), (H, inter))
-    )
-    logits = rand(T, E)
+    x, logits = rand(T, H), rand(T, E)
+    base = [rand(*s, scale=0.2) for s in ((inter, H), (inter, H), (H, inter))]
     lora = {
         "gate": (rand(E, r, H), rand(E, inter, r)),
         "up": (rand(E, r, H), rand(E, inter, r)),
         "down": (rand(E, r, inter), rand(E, H, r)),
     }
-    params = [x, logits, *(t for pair in lora.values() for t in pair)]
+    up = rand(T, H, scale=1.0)
 
-    def run(fused):
-        w, ids = torch.topk(torch.softmax(logits.float(), -1), K)
+    def run(fused, dt):
+        leaves = [t.to(dt).requires_grad_() for t in (x, logits, *sum(lora.values(), ()))]
+        xx, lg, *ab = leaves
+        pairs = {role: (ab[2 * i], ab[2 * i + 1]) for i, role in enumerate(lora)}
+        gate_w, up_w, down_w = (w.to(dt) for w in base)
+        w, ids = torch.topk(torch.softmax(lg.float(), -1), K)
         w = w / w.sum(-1, keepdim=True)
         torch.manual_seed(7)
         if fused:
-            y = routed_lora_swiglu(x, gate_w, up_w, down_w, w, ids, E, lora, 2.0, dropout_p=0.25)
+            y = routed_lora_swiglu(xx, gate_w, up_w, down_w, w, ids, E, pairs, 2.0, dropout_p=0.25)
         else:
             y = routed_lora_ffn(
-                x,
+                xx,
                 gate_w,
                 up_w,
                 down_w,
@@ -277,16 +282,20 @@ def test_fused_layer_matches_reference_with_dropout(dtype):
                 w,
                 ids,
                 E,
-                lora,
+                pairs,
                 2.0,
                 dropout=lambda t: fast_dropout(t, 0.25),
             )
-        up = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-        return y, torch.autograd.grad((y * up).sum(), params)
+        return [y, *torch.autograd.grad((y * up.to(dt)).sum(), leaves)]
 
-    y1, g1 = run(True)
-    y2, g2 = run(False)
-    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(y1, y2, **tol)
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, **tol)
+    fused, ref = run(True, dtype), run(False, dtype)
+    if dtype == torch.float64:
+        for a, b in zip(fused, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        return
+    truth = run(False, torch.float64)
+    for a, b, t in zip(fused, ref, truth, strict=True):
+        err_fused = (a.double() - t).norm() / t.norm()
+        err_ref = (b.double() - t).norm() / t.norm()
+        assert err_fused < 2 * err_ref + 1e-3, (float(err_fused), float(err_ref))
+        assert err_fused < 2e-2

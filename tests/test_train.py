@@ -15,6 +15,8 @@ import torch
 from conftest import PY, logits, python_env, save_tiny
 from test_bad_input import assert_one_line_error
 
+from upcycle.train.data import IGNORE
+
 WORDS = "the cat sat on mat code python def return import".split()
 
 
@@ -318,6 +320,7 @@ def test_loss_on_kept_logits_equals_the_full_loss(tmp_path):
 
     from upcycle.train.data import build_blocks
     from upcycle.train.loop import batch_loss, micro_batch
+    from upcycle.train.loss import chunked_head
 
     base = save_tiny(str(tmp_path / "base"), "llama", tokenizer=True)
     tok = AutoTokenizer.from_pretrained(base)
@@ -327,12 +330,43 @@ def test_loss_on_kept_logits_equals_the_full_loss(tmp_path):
     model.train()
     batch = micro_batch(blocks, torch.arange(4), "cpu")
     assert batch["input_ids"].shape[1] < 32  # trailing padding trimmed
+    assert chunked_head(model) is not None  # the chunked loss runs here
+    params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(0)
     kept, aux_kept = batch_loss(model, batch, 5.0)
+    grads_kept = torch.autograd.grad(kept + aux_kept, params)
+    assert type(model.get_base_model().lm_head) is torch.nn.Linear  # head put back
     torch.manual_seed(0)
     out = model(**batch, num_items_in_batch=5.0)
     torch.testing.assert_close(kept, out.loss - out.aux_loss)
     torch.testing.assert_close(aux_kept, out.aux_loss)
+    for a, b in zip(grads_kept, torch.autograd.grad(out.loss, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_equals_cross_entropy_on_logits(dtype):
+    """Chunked loss and its hidden-state gradient match F.cross_entropy on fp32-cast logits."""
+    from upcycle.train.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(50, 16, generator=g).to(dtype)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    targets[::5] = IGNORE
+    loss = linear_cross_entropy(hidden, weight, targets, chunk=8)
+    (grad,) = torch.autograd.grad(loss * 0.5, hidden)
+    ref = torch.nn.functional.cross_entropy(
+        (hidden @ weight.t()).float(), targets, ignore_index=IGNORE, reduction="sum"
+    )
+    (ref_grad,) = torch.autograd.grad(ref * 0.5, hidden)
+    tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(loss, ref, **tol)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+    empty = linear_cross_entropy(hidden[:0], weight, targets[:0])
+    assert float(empty.detach()) == 0.0
+    with pytest.raises(ValueError, match="frozen"):
+        linear_cross_entropy(hidden, weight.clone().requires_grad_(), targets)
 
 
 def test_example_configs_are_valid_train_options():

@@ -24,8 +24,10 @@ import time
 import torch
 
 from upcycle.errors import InputError, OptionError, OutputError, UnsupportedError, UpcycleError
+from upcycle.kernels.fused import release_workspace
 from upcycle.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from upcycle.train.data import IGNORE, Blocks, build_blocks, split_records
+from upcycle.train.loss import chunked_head, hidden_instead_of_logits, linear_cross_entropy
 from upcycle.train.options import TrainOptions
 
 METRICS = "metrics.jsonl"
@@ -240,30 +242,36 @@ def micro_batch(blocks: Blocks, rows: torch.Tensor, device) -> dict[str, torch.T
     }
 
 
-def batch_loss(model, batch: dict, num_items: float):
-    """(token-loss sum / num_items, router aux loss or None) for one micro-batch.
+def token_loss_sum(model, batch: dict):
+    """(sum of token losses, router aux loss or None) for one micro-batch.
 
-    Logits are computed only at positions that predict a trained token (transformers'
-    `logits_to_keep`), which skips the LM head on prompts and padding when they are a large
-    share of the batch.
+    The LM head runs only at positions that predict a trained token (transformers'
+    `logits_to_keep`), which skips prompts and padding. Where the model allows it, the loss
+    runs in chunks without materializing the logits (`upcycle.train.loss`).
     """
-    labels = batch["labels"]
-    targets = labels[:, 1:]
+    targets = batch["labels"][:, 1:]
     wanted = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
-    if len(wanted) > 0.9 * targets.shape[1]:
-        out = model(**batch, num_items_in_batch=num_items)
-        aux = getattr(out, "aux_loss", None)
-        return (out.loss - aux if aux is not None else out.loss), aux
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs, logits_to_keep=wanted)
-    logits = out.logits.float()
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        targets[:, wanted].reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return loss / num_items, getattr(out, "aux_loss", None)
+    inputs.update(logits_to_keep=wanted, use_cache=False)
+    kept = targets[:, wanted].reshape(-1)
+    if chunked_head(model) is not None:
+        with hidden_instead_of_logits(model) as head:
+            out = model(**inputs)
+        hidden = out.logits.reshape(-1, out.logits.shape[-1])
+        loss = linear_cross_entropy(hidden, head.weight, kept)
+    else:
+        out = model(**inputs)
+        logits = out.logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), kept, ignore_index=IGNORE, reduction="sum"
+        )
+    return loss, getattr(out, "aux_loss", None)
+
+
+def batch_loss(model, batch: dict, num_items: float):
+    """(token-loss sum / num_items, router aux loss or None) for one micro-batch."""
+    loss, aux = token_loss_sum(model, batch)
+    return loss / num_items, aux
 
 
 def evaluate_loss(model, blocks: Blocks, batch_size: int, acc) -> float:
@@ -274,16 +282,9 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, acc) -> float:
     rows = torch.arange(acc.process_index, len(blocks), acc.num_processes)
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            idx = rows[i : i + batch_size]
-            labels = blocks.labels[idx].to(acc.device)
-            out = model(
-                input_ids=blocks.input_ids[idx].to(acc.device),
-                attention_mask=blocks.attention_mask[idx].to(acc.device),
-                labels=labels,
-                num_items_in_batch=1,
-            )
-            total[0] += out.loss.double()
-            total[1] += (labels[:, 1:] != IGNORE).sum()
+            batch = micro_batch(blocks, rows[i : i + batch_size], acc.device)
+            total[0] += token_loss_sum(model, batch)[0].double()
+            total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
     total = acc.reduce(total, reduction="sum")
     model.train(was_training)
     return float(total[0] / total[1])
@@ -483,6 +484,7 @@ def train(opts: TrainOptions, log=None) -> dict:
                         f"(continue with --resume)"
                     )
     bar.close()
+    release_workspace()
     final = dict(last)
     if eval_blocks is not None:
         final["eval_loss"] = evaluate_loss(model, eval_blocks, opts.batch_size, acc)
