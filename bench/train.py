@@ -2,7 +2,8 @@
 
 Run from the repository root with the project's virtualenv:
 
-    .venv/bin/python bench/train.py [--reps 3] [--threads 1,2] [--skip-moe-peft] [--skip-quality]
+    .venv/bin/python bench/train.py [--reps 3] [--threads 1,2] [--tools a,b] [--skip-moe-peft]
+                                    [--skip-speed] [--skip-quality]
 
 Part 1 (speed and memory, one run, alternating tools): the default model in fp32 on CPU,
 8 experts, top-2, r=16, alpha 32, dropout 0.05, LoRA on all seven projections; 64 short
@@ -95,7 +96,9 @@ def moe_peft_throughput(log: Path) -> dict:
     return {k: r[k] for k in ("tokens", "seconds", "tokens_per_s")}
 
 
-def speed(reps: int, threads: list[int], with_moe_peft: bool, pairs: Path) -> dict:
+def speed(
+    reps: int, threads: list[int], with_moe_peft: bool, pairs: Path, only: set | None = None
+) -> dict:
     ours = [PY, "-m", "upcycle", "train", "default"]
     naive = [PY, str(ROOT / "bench" / "naive_mixlora.py"), "default"]
     tools = {
@@ -136,6 +139,11 @@ def speed(reps: int, threads: list[int], with_moe_peft: bool, pairs: Path) -> di
                 "--warmup",
                 str(WARMUP),
             ]
+    if only:
+        unknown = only - set(tools)
+        if unknown:
+            sys.exit(f"unknown tools: {', '.join(sorted(unknown))} (known: {', '.join(tools)})")
+        tools = {name: make for name, make in tools.items() if name in only}
     results: dict = {}
     for t in threads:
         env = {**ENV, "OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t)}
@@ -315,6 +323,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--skip-moe-peft", action="store_true")
+    ap.add_argument("--tools", help="comma-separated subset of the tools (default: all)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--quality-steps", type=int, default=60)
@@ -327,7 +336,14 @@ def main() -> None:
     results["command"] = " ".join(["bench/train.py", *sys.argv[1:]])
     if not args.skip_speed:
         threads = [int(t) for t in args.threads.split(",")]
-        results["speed"] = speed(args.reps, threads, not args.skip_moe_peft, pairs)
+        only = set(args.tools.split(",")) if args.tools else None
+        fresh = speed(args.reps, threads, not args.skip_moe_peft, pairs, only)
+        if only:  # a partial run replaces only its own rows
+            results.setdefault("speed", {})
+            for t, rows in fresh.items():
+                results["speed"].setdefault(t, {}).update(rows)
+        else:
+            results["speed"] = fresh
         print(
             "\n| threads | tool | tokens/s (median) | step s | peak RSS MiB |\n|---|---|---|---|---|"
         )
@@ -336,8 +352,12 @@ def main() -> None:
                 print(
                     f"| {t} | {name} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | {r['rss_mib']:.0f} |"
                 )
-            m, lora = tools["upcycle-mixlora"], tools["upcycle-lora"]
-            print(f"| {t} | MixLoRA / LoRA step time | {m['step_s'] / lora['step_s']:.2f}x | | |")
+            if "upcycle-mixlora" not in tools:
+                continue
+            m = tools["upcycle-mixlora"]
+            if "upcycle-lora" in tools:
+                ratio = m["step_s"] / tools["upcycle-lora"]["step_s"]
+                print(f"| {t} | MixLoRA / LoRA step time | {ratio:.2f}x | | |")
             if "moe-peft-mixlora" in tools:
                 mp = tools["moe-peft-mixlora"]
                 print(

@@ -198,7 +198,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
                 d_hd.masked_fill_(drop_h, 0.0)
             d_hs += d_hd
         # hs = silu(gs) * us; silu'(gs) = sig + silu * (1 - sig)
-        dsilu = torch.mul(silu, sig, out=work).neg_().add_(silu).add_(sig)
+        dsilu = torch.addcmul(sig, silu, sig, value=-1.0, out=work).add_(silu)
         d_us = silu.mul_(d_hs)
         d_gs = d_hs.mul_(us).mul_(dsilu)
         scatter = d_mixed.zero_().index_add_(0, tokens, d_gs)

@@ -32,17 +32,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        for s in range(0, hidden.shape[0], chunk):
+        n = hidden.shape[0]
+        # one (chunk, V) fp32 buffer for the whole call; every step below works in place
+        buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk):
             t = targets[s : s + chunk]
+            rows = torch.arange(len(t), device=t.device)
             valid = t != IGNORE
             picked = t.clamp_min(0)
-            logits = (hidden[s : s + chunk] @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, picked[:, None]).squeeze(1)) * valid).sum()
+            logits = buf[: len(t)]
+            if weight.dtype == torch.float32:
+                torch.mm(hidden[s : s + chunk], weight.t(), out=logits)
+            else:  # bf16/fp16 logits, upcast as transformers' loss does
+                logits.copy_(hidden[s : s + chunk] @ weight.t())
+            target_logit = logits[rows, picked]
+            peak = logits.amax(dim=-1, keepdim=True)
+            total_exp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+            lse = (peak + total_exp.log()).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(len(t), device=t.device), picked] -= 1.0
-                probs.mul_(valid[:, None])
+                probs = logits.div_(total_exp)
+                probs[rows, picked] -= 1.0
+                probs.masked_fill_(~valid[:, None], 0.0)
                 torch.mm(probs.to(weight.dtype), weight, out=grad[s : s + chunk])
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         return total
