@@ -158,7 +158,6 @@ def test_checkpointed_training_matches_plain_and_keeps_no_router_graph():
     workspace), and no layer keeps a router loss after the call: one kept from checkpoint
     re-runs would hold that layer's recomputed graph until the next step."""
     from peft import get_peft_model
-
     from upcycle.kernels.fused import release_workspace
 
     def grads(checkpointing: bool, shapes):
