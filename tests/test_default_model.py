@@ -62,7 +62,8 @@ def test_real_default_model_copy_upcycling_is_exact(tmp_path):
 @pytest.mark.slow
 def test_real_default_model_mixlora_train_merge(tmp_path):
     """MixLoRA on SmolLM2-135M: a short run lowers the held-out loss; the merged Mixtral
-    checkpoint loads in stock transformers and matches the adapter model (fp32, <= 1e-4)."""
+    checkpoint loads in stock transformers and matches the adapter model (fp32: <= 1e-4, or
+    the adapter model's own fp32 error where that is larger; fp64: <= 1e-4)."""
     import json
 
     import upcycle.adapters  # noqa: F401
@@ -102,11 +103,25 @@ def test_real_default_model_mixlora_train_merge(tmp_path):
         return_tensors="pt",
         return_dict=True,
     )
+
+    def adapter_logits(dtype):
+        base = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, str(run)).eval()(**batch).logits
+
     moe = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
     assert type(moe).__name__ == "MixtralForCausalLM"
-    adapted = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), str(run)
+    with torch.no_grad():
+        merged32 = moe(**batch).logits
+    adapted32, adapted64 = adapter_logits(torch.float32), adapter_logits(torch.float64)
+    diff = (merged32 - adapted32).abs().max().item()
+    # The bound is 1e-4, unless the adapter model's own fp32 error (against fp64) is larger:
+    # over 30 layers that error is about 1e-4 on its own, depending on the trained weights.
+    floor = (adapted32.double() - adapted64).abs().max().item()
+    assert diff <= max(1e-4, 1.5 * floor), (diff, floor)
+    # In fp64 the two agree up to the fp32 rounding of the stored merged weights.
+    moe64 = AutoModelForCausalLM.from_pretrained(
+        str(merged), dtype=torch.float64, experts_implementation="eager"
     ).eval()
     with torch.no_grad():
-        diff = (moe(**batch).logits - adapted(**batch).logits).abs().max().item()
-    assert diff <= 1e-4, diff
+        assert (moe64(**batch).logits - adapted64).abs().max().item() <= 1e-4
