@@ -34,6 +34,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from measure import measure
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
 RESULTS = ROOT / "bench" / "results" / "convert.json"
@@ -54,28 +56,9 @@ SYNTH = dict(
 )
 SHARD_BYTES = 2 * 10**9
 
-_HELPER = r"""
-import json, os, subprocess, sys, time
-with open(sys.argv[1], "wb") as log:
-    t0 = time.perf_counter()
-    p = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-p.returncode = os.waitstatus_to_exitcode(status)
-print(json.dumps({"rc": p.returncode, "wall_s": wall, "rss_mib": ru.ru_maxrss / 1024}))
-"""
-
 
 def run(cmd: list, **kw) -> str:
     return subprocess.run([str(c) for c in cmd], **QUIET, **kw).stdout
-
-
-def measure(cmd: list, log: Path) -> dict:
-    """Run cmd under the helper; return its wall time and the peak RSS of its process tree."""
-    res = json.loads(run([sys.executable, "-I", "-S", "-c", _HELPER, log, *cmd]))
-    if res["rc"] != 0:
-        sys.exit(f"FAILED ({res['rc']}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
-    return res
 
 
 def dir_bytes(path: Path) -> int:
@@ -137,7 +120,7 @@ def compare(model: Path, reps: int, with_mergekit: bool) -> dict:
         for tool, cmd in cmds.items():
             out = WORK / f"out-{tool}"
             shutil.rmtree(out, ignore_errors=True)
-            r = measure(cmd, WORK / f"{tool}.log") | {"out_bytes": dir_bytes(out)}
+            r = measure(cmd, WORK / f"{tool}.log", ENV) | {"out_bytes": dir_bytes(out)}
             checks.setdefault(tool, describe(out))
             shutil.rmtree(out)
             runs[tool].append(r)
@@ -148,7 +131,7 @@ def compare(model: Path, reps: int, with_mergekit: bool) -> dict:
         tools[t]["out_bytes"] = rs[0]["out_bytes"]
     res = {"model": str(model), "reps": reps, "check": checks, "tools": tools}
     res["commands"] = {t: " ".join(map(str, c)) for t, c in cmds.items()}
-    res["fixed_cost"] = {t: measure(c, WORK / f"{t}-fixed.log") for t, c in fixed.items()}
+    res["fixed_cost"] = {t: measure(c, WORK / f"{t}-fixed.log", ENV) for t, c in fixed.items()}
     if with_mergekit:
         ours, theirs = tools["upcycle"], tools["mergekit"]
         res["ratio"] = {k: ours[k]["median"] / theirs[k]["median"] for k in keys}
@@ -242,7 +225,9 @@ def large() -> dict:
     for extra in variants:
         shutil.rmtree(out, ignore_errors=True)
         os.sync()
-        r = measure(cmd + extra, WORK / "large.log") | {"command": " ".join(map(str, cmd + extra))}
+        r = measure(cmd + extra, WORK / "large.log", ENV) | {
+            "command": " ".join(map(str, cmd + extra))
+        }
         r |= {"out_bytes": dir_bytes(out), "out_shards": len(list(out.glob("*.safetensors")))}
         r |= {"check": describe(out), "mb_s": r["out_bytes"] / r["wall_s"] / 1e6}
         r["variant"] = " ".join(extra) or "default"

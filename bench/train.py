@@ -40,6 +40,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from measure import measure
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "train"
 RESULTS = ROOT / "bench" / "results" / "train.json"
@@ -53,31 +55,6 @@ COMMON = [
     "--alpha", "32", "--dropout", "0.05", "--gradient-checkpointing", "--dtype", "float32",
     "--force", "-q",
 ]  # fmt: skip
-
-_HELPER = r"""
-import json, os, subprocess, sys, time
-with open(sys.argv[1], "wb") as log:
-    t0 = time.perf_counter()
-    p = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall_s": wall,
-                  "rss_mib": ru.ru_maxrss / 1024}))
-"""
-
-
-def measure(cmd: list, log: Path, env: dict) -> dict:
-    out = subprocess.run(
-        [PY, "-I", "-S", "-c", _HELPER, str(log), *map(str, cmd)],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    res = json.loads(out)
-    if res["rc"] != 0:
-        sys.exit(f"FAILED ({res['rc']}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
-    return res
 
 
 def ours_throughput(run: Path) -> dict:
@@ -221,6 +198,13 @@ def lora_rank_matching(mixlora_params: int, lora_r16_params: int) -> int:
     return max(1, round(16 * mixlora_params / lora_r16_params))
 
 
+def heldout_loss(model, path: Path) -> float:
+    """Mean held-out token loss of a model on a JSONL file (`upcycle eval --json`)."""
+    cmd = [PY, "-m", "upcycle", "eval", model, "--data", path, "--seq-len", "128", "--json", "-q"]
+    r = subprocess.run(cmd, env=ENV, check=True, capture_output=True, text=True)
+    return json.loads(r.stdout)["loss"]
+
+
 def quality(steps: int) -> dict:
     data = domains()
     train = [r for tr, _ in data.values() for r in tr]
@@ -270,51 +254,10 @@ def quality(steps: int) -> dict:
             [PY, "-m", "upcycle", "merge", run, merged, "--force", "-q"], env=ENV, check=True
         )
         record = json.loads((run / "upcycle_train.json").read_text())
-        out[name] = {"trainable_params": record["trainable_params"], "extra": extra, "heldout": {}}
-        for dom, path in held.items():
-            r = subprocess.run(
-                [
-                    PY,
-                    "-m",
-                    "upcycle",
-                    "eval",
-                    merged,
-                    "--data",
-                    path,
-                    "--seq-len",
-                    "128",
-                    "--json",
-                    "-q",
-                ],
-                env=ENV,
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            out[name]["heldout"][dom] = json.loads(r.stdout)["loss"]
+        out[name] = {"trainable_params": record["trainable_params"], "extra": extra}
+        out[name]["heldout"] = {dom: heldout_loss(merged, path) for dom, path in held.items()}
         shutil.rmtree(merged, ignore_errors=True)
-    out["base"] = {}
-    for dom, path in held.items():
-        r = subprocess.run(
-            [
-                PY,
-                "-m",
-                "upcycle",
-                "eval",
-                "default",
-                "--data",
-                path,
-                "--seq-len",
-                "128",
-                "--json",
-                "-q",
-            ],
-            env=ENV,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        out["base"][dom] = json.loads(r.stdout)["loss"]
+    out["base"] = {dom: heldout_loss("default", path) for dom, path in held.items()}
     return out
 
 
