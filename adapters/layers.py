@@ -71,6 +71,8 @@ class MixLoraFFN(_TunerLayer):
         self.settings: dict[str, dict] = {}
         self.aux_loss: torch.Tensor | None = None
         self.collect_aux = False  # set by MixLoraModel.forward only
+        # set by upcycle.adapters.checkpointing when this FFN is outside activation checkpoints
+        self.recompute_base = False
         self.update_layer(adapter_name, config)
 
     @property
@@ -135,6 +137,11 @@ class MixLoraFFN(_TunerLayer):
                 self.aux_loss = aux
         return weights, ids, logits
 
+    def uses_fused(self, adapter_name: str) -> bool:
+        """Whether `adapter_name` runs on the fused kernel: a SiLU FFN of plain linears, copy view."""
+        plain = all(type(getattr(self.base_layer, n)) is nn.Linear for n in ROLES)
+        return plain and self.silu and self.settings[adapter_name]["slices"] is None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
@@ -145,7 +152,7 @@ class MixLoraFFN(_TunerLayer):
         weights, ids, _ = self.route(h, name)
         base = self.base_layer
         plain = all(type(getattr(base, n)) is nn.Linear for n in ROLES)
-        if plain and s["slices"] is None and self.silu:
+        if self.uses_fused(name):
             from upcycle.kernels.fused import routed_lora_swiglu
 
             y = routed_lora_swiglu(
@@ -160,6 +167,7 @@ class MixLoraFFN(_TunerLayer):
                 s["scaling"],
                 dropout_p=s["dropout"] if self.training else 0.0,
                 expert_scale=s["expert_scale"],
+                recompute_base=self.recompute_base and self.training and torch.is_grad_enabled(),
             )
             return y.reshape(shape)
         y = routed_lora_ffn(

@@ -11,8 +11,8 @@ prompt/response pairs from bench/anchors/make_pairs.py, batch 8, at most 256 tok
 to the longest row of each batch, gradient checkpointing (MoE-PEFT's trainer recomputes
 too), AdamW lr 2e-4, constant schedule. 9 steps: the first warms up, the next 8 are timed.
 Tokens/s counts padded tokens (rows x padded length) of the timed steps, for every tool.
-Tools: `upcycle train --adapter mixlora`, `--adapter lora` (peft's LoRA, same dropout), a
-naive MixLoRA (bench/naive_mixlora.py: same loop, experts materialized as W + BA), and
+Tools: `upcycle train --adapter mixlora` (also with `--trim-memory`), `--adapter lora` (peft's
+LoRA, same dropout), a naive MixLoRA (bench/naive_mixlora.py: same loop, experts materialized as W + BA), and
 MoE-PEFT's MixLoRA and LoRA (bench/anchors/moe_peft_train.py, venv from
 bench/anchors/setup_moe_peft.sh). OMP_NUM_THREADS and torch threads = 1 and 2.
 
@@ -86,6 +86,16 @@ def speed(
             pairs,
             "--adapter",
             "mixlora",
+            *COMMON,
+        ],
+        "upcycle-mixlora-trim": lambda out: [
+            *ours,
+            out,
+            "--data",
+            pairs,
+            "--adapter",
+            "mixlora",
+            "--trim-memory",
             *COMMON,
         ],
         "upcycle-lora": lambda out: [*ours, out, "--data", pairs, "--adapter", "lora", *COMMON],

@@ -2,9 +2,12 @@
 
 Same function as `reference.routed_lora_ffn` (copy view, SiLU gate), with a hand-written
 backward. Autograd on the reference keeps about six (tokens*k, I) tensors per layer for the
-backward pass; this Function keeps x, the base projections g and u (tokens, I), the boolean
-dropout masks and the rank-r LoRA activations, and recomputes the (tokens*k, I) element-wise
-work in backward.
+backward pass; this Function keeps x, the base projections g and u (tokens, I), the positions
+of the dropped elements and the rank-r LoRA activations, and recomputes the (tokens*k, I)
+element-wise work in backward. With `recompute_base` it keeps x but not g and u, and reruns the
+two base projections in backward: the choice when the layer is not inside an activation
+checkpoint (`upcycle.adapters.checkpointing`), where recomputing them is cheaper than rerunning
+the whole FFN forward.
 
 On CPU, every fresh large tensor costs page faults (glibc hands big blocks back to the kernel
 when they are freed), which made the element-wise work as slow as the matrix products. So the
@@ -22,7 +25,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
-from upcycle.kernels.reference import dropout_mask, sort_by_expert
+from upcycle.kernels.reference import dropped_positions, sort_by_expert, zero_at
 
 ROLES = ("gate", "up", "down")
 
@@ -99,9 +102,14 @@ def _gathered(t, tokens, low, b, counts, out) -> torch.Tensor:
     return out
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products, without an (rows, cols) temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _rowdot(a: torch.Tensor, b: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """Row-wise dot products, `rows` rows at a time through a small (cache-sized) temporary."""
+    out = a.new_empty(a.shape[0])
+    tmp = _buffer("rowdot", min(rows, a.shape[0]), a.shape[1], a)
+    for i in range(0, a.shape[0], rows):
+        n = min(rows, a.shape[0] - i)
+        torch.sum(torch.mul(a[i : i + n], b[i : i + n], out=tmp[:n]), 1, out=out[i : i + n])
+    return out
 
 
 def _none_if_empty(t: torch.Tensor) -> torch.Tensor | None:
@@ -112,23 +120,27 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
     """y = sum_k w_k * (down + LoRA_e)(silu((gate + LoRA_e) x) * (up + LoRA_e) x)."""
 
     @staticmethod
-    def forward(ctx, x, gate_w, up_w, down_w, weights, experts, num_experts, p, *lora):
+    def forward(ctx, x, gate_w, up_w, down_w, weights, experts, num_experts, p, lean, *lora):
         # lora: A_gate, B_gate, A_up, B_up, A_down, B_down (B pre-scaled); None where absent
         A = dict(zip(ROLES, lora[0::2], strict=True))
         B = dict(zip(ROLES, lora[1::2], strict=True))
         order, tokens, counts = sort_by_expert(experts, num_experts)
         T, TK, inter = x.shape[0], tokens.shape[0], gate_w.shape[0]
         ws = weights.reshape(-1)[order].to(x.dtype)
-        g = F.linear(x, gate_w)
-        u = F.linear(x, up_w)
-        scale = 1.0 / (1.0 - round(p * 65536) / 65536) if p > 0 else 1.0
+        if lean:  # g and u are recomputed in backward: scratch tensors here
+            g = torch.mm(x, gate_w.t(), out=_buffer("g", T, inter, x))
+            u = torch.mm(x, up_w.t(), out=_buffer("u", T, inter, x))
+        else:
+            g = F.linear(x, gate_w)
+            u = F.linear(x, up_w)
+        scale = 1.0 / (1.0 - p) if p > 0 else 1.0
         drop_x = drop_h = None
         low = {}
         if A["gate"] is not None or A["up"] is not None:
             xd = x
             if p > 0:
-                drop_x = dropout_mask(x.shape, p, x.device, dropped=True)
-                xd = x.masked_fill(drop_x, 0.0)
+                drop_x = dropped_positions(x.numel(), p, x.device)
+                xd = zero_at(x.clone(), drop_x)
             xd = torch.index_select(xd, 0, tokens, out=_buffer("th", TK, x.shape[1], x))
             for role in ("gate", "up"):
                 if A[role] is not None:
@@ -143,16 +155,18 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         if A["down"] is not None:
             hd = hs
             if p > 0:
-                drop_h = dropout_mask(hs.shape, p, x.device, dropped=True)
-                hd = hs.masked_fill_(drop_h, 0.0)
+                drop_h = dropped_positions(hs.numel(), p, x.device)
+                hd = zero_at(hs, drop_h)
             low["down"] = _seg_mm(hd, counts, A["down"], True).mul_(scale)
             dd = _seg_mm(low["down"], counts, B["down"], True, out=_buffer("th", TK, x.shape[1], x))
             y.index_add_(0, tokens, dd.mul_(ws[:, None]))
-        empty_mask = torch.empty(0, dtype=torch.bool)
+        none = torch.empty(0, dtype=torch.int64)
+        if lean:
+            g = u = torch.empty(0, dtype=x.dtype)
         ctx.save_for_backward(
             x, g, u, gate_w, up_w, down_w, ws, tokens, order, *(t for t in lora),
-            drop_x if drop_x is not None else empty_mask,
-            drop_h if drop_h is not None else empty_mask,
+            drop_x if drop_x is not None else none,
+            drop_h if drop_h is not None else none,
             *(low.get(r, torch.empty(0, dtype=x.dtype)) for r in ROLES),
         )  # fmt: skip
         ctx.counts, ctx.scale = counts, scale
@@ -172,6 +186,9 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         T, H, TK, inter = x.shape[0], x.shape[1], tokens.shape[0], gate_w.shape[0]
         dy = dy.contiguous()
         wcol = ws[:, None]
+        if not g.numel():  # recompute_base: rerun the base projections
+            g = torch.mm(x, gate_w.t(), out=_buffer("g", T, inter, x))
+            u = torch.mm(x, up_w.t(), out=_buffer("u", T, inter, x))
         # recompute the element-wise forward on sorted (token, slot) rows
         silu = _gathered(g, tokens, low["gate"], B["gate"], counts, _buffer("a", TK, inter, x))
         us = _gathered(u, tokens, low["up"], B["up"], counts, _buffer("b", TK, inter, x))
@@ -185,7 +202,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         d_hs.mul_(wcol)
         grads = {}
         if A["down"] is not None:
-            hd = work.masked_fill_(drop_h, 0.0) if drop_h is not None else work
+            hd = zero_at(work, drop_h) if drop_h is not None else work
             dys = torch.index_select(dy, 0, tokens, out=_buffer("th", TK, H, x))
             dd = _seg_mm(low["down"], counts, B["down"], True, out=_buffer("th2", TK, H, x))
             d_ws += _rowdot(dys, dd)
@@ -195,7 +212,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             grads["A_down"] = _seg_outer(d_low, hd, counts)
             d_hd = _seg_mm(d_low, counts, A["down"], False, out=hd)
             if drop_h is not None:
-                d_hd.masked_fill_(drop_h, 0.0)
+                zero_at(d_hd, drop_h)
             d_hs += d_hd
         # hs = silu(gs) * us; silu'(gs) = sig + silu * (1 - sig)
         dsilu = torch.addcmul(sig, silu, sig, value=-1.0, out=work).add_(silu)
@@ -211,7 +228,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             grads[f"B_{role}"] = _seg_outer(d_s, low[role], counts)
             d_low = _seg_mm(d_s, counts, B[role], False).mul_(scale)
             if xd is None:
-                xd = x.masked_fill(drop_x, 0.0) if drop_x is not None else x
+                xd = zero_at(x.clone(), drop_x) if drop_x is not None else x
                 xd = torch.index_select(xd, 0, tokens, out=_buffer("th", TK, H, x))
             grads[f"A_{role}"] = _seg_outer(d_low, xd, counts)
             if d_xd is None:
@@ -221,12 +238,12 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         if d_xd is not None:
             d_x_lora = x.new_zeros(x.shape).index_add_(0, tokens, d_xd)
             if drop_x is not None:
-                d_x_lora.masked_fill_(drop_x, 0.0)
+                zero_at(d_x_lora, drop_x)
             dx += d_x_lora
         d_weights = torch.empty_like(d_ws)
         d_weights[order] = d_ws
         d_weights = d_weights.reshape(ctx.weights_shape).to(ctx.weights_dtype)
-        out = [dx, None, None, None, d_weights, None, None, None]
+        out = [dx, None, None, None, d_weights, None, None, None, None]
         for role in ROLES:
             out += [grads.get(f"A_{role}"), grads.get(f"B_{role}")]
         return tuple(out)
@@ -244,10 +261,12 @@ def routed_lora_swiglu(
     scaling: float,
     dropout_p: float = 0.0,
     expert_scale: float = 1.0,
+    recompute_base: bool = False,
 ) -> torch.Tensor:
     """`reference.routed_lora_ffn` for SiLU-gated FFNs (copy view), with the lean backward.
 
-    `dropout_p` is applied to LoRA inputs when > 0 (callers pass 0 in eval mode).
+    `dropout_p` is applied to LoRA inputs when > 0 (callers pass 0 in eval mode). With
+    `recompute_base`, the base gate/up projections are rerun in backward instead of kept.
     """
     args = []
     for role in ROLES:
@@ -255,5 +274,5 @@ def routed_lora_swiglu(
         args += [a, b * scaling if b is not None else None]
     w = weights * expert_scale if expert_scale != 1.0 else weights
     return RoutedLoraSwiGLU.apply(
-        x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, *args
+        x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, recompute_base, *args
     )

@@ -13,6 +13,8 @@ import upcycle.adapters as A
 from conftest import PY, python_env, save_tiny
 from upcycle.adapters.layers import MixLoraFFN
 
+from upcycle.train.loop import enable_checkpointing
+
 _ROLES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
@@ -141,8 +143,7 @@ def test_aux_loss_reaches_routers_with_gradient_checkpointing():
     model = get_peft_model(
         tiny_model(), A.MixLoraConfig(num_experts=4, top_k=2, r=4, router_z_loss_coef=1e-3)
     )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    enable_checkpointing(model)
     model.train()
     ids = torch.randint(0, 128, (2, 9))
     out = model(input_ids=ids, labels=ids)
@@ -153,23 +154,27 @@ def test_aux_loss_reaches_routers_with_gradient_checkpointing():
 
 
 def test_checkpointed_training_matches_plain_and_keeps_no_router_graph():
-    """Gradients with activation checkpointing equal those without (dropout on, masks replayed
-    from the restored RNG), across batches of different sizes (the fused layer's reused
-    workspace), and no layer keeps a router loss after the call: one kept from checkpoint
-    re-runs would hold that layer's recomputed graph until the next step."""
+    """Gradients with activation checkpointing, of whole layers or of attention only (the
+    FFN outside, rerunning its base projections in backward), equal those without (dropout
+    on, masks replayed from the restored RNG), across batches of different sizes (the fused
+    layer's reused workspace), and no layer keeps a router loss after the call: one kept from
+    checkpoint re-runs would hold that layer's recomputed graph until the next step."""
     from peft import get_peft_model
+    from upcycle.adapters.checkpointing import checkpoint_attention_only
     from upcycle.kernels.fused import release_workspace
 
-    def grads(checkpointing: bool, shapes):
+    def grads(checkpointing: str, shapes):
         model = get_peft_model(
             tiny_model(), A.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.1)
         )
         randomize(model)
-        if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+        if checkpointing != "none":
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
             model.enable_input_require_grads()
+        if checkpointing == "attention":
+            assert checkpoint_attention_only(model) == model.config.num_hidden_layers
         model.train()
         layers = model.base_model.mixlora_layers()
         result = []
@@ -185,11 +190,12 @@ def test_checkpointed_training_matches_plain_and_keeps_no_router_graph():
 
     shapes = [(2, 9), (3, 17), (1, 5)]
     release_workspace()
-    plain = grads(False, shapes)
-    checkpointed = grads(True, shapes)
-    for a_step, b_step in zip(plain, checkpointed, strict=True):
-        for a, b in zip(a_step, b_step, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    plain = grads("none", shapes)
+    for mode in ("layers", "attention"):
+        checkpointed = grads(mode, shapes)
+        for a_step, b_step in zip(plain, checkpointed, strict=True):
+            for a, b in zip(a_step, b_step, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_round_trip_in_a_fresh_process(tmp_path):
@@ -339,3 +345,51 @@ def test_fused_layer_matches_reference_with_dropout(dtype):
         err_ref = (b.double() - t).norm() / t.norm()
         assert err_fused < 2 * err_ref + 1e-3, (float(err_fused), float(err_ref))
         assert err_fused < 2e-2
+
+
+def test_dropped_positions_are_independent_bernoulli(monkeypatch):
+    """Dropout by geometric gaps: sorted in-range positions, each element dropped with
+    probability p independently of its neighbour, deterministic under the seed, also when
+    the gaps take more than one draw."""
+    import upcycle.kernels.reference as R
+
+    for p in (0.05, 0.5, 0.9):
+        torch.manual_seed(1)
+        pos = R.dropped_positions(200_000, p)
+        assert pos.dtype == torch.int64 and bool((pos[1:] > pos[:-1]).all())
+        assert 0 <= int(pos[0]) and int(pos[-1]) < 200_000
+        assert abs(pos.numel() / 200_000 - p) < 5 * (p * (1 - p) / 200_000) ** 0.5
+    torch.manual_seed(2)
+    hits = torch.zeros(2000, 64)
+    for i in range(2000):
+        hits[i, R.dropped_positions(64, 0.2)] = 1
+    assert float((hits.mean(0) - 0.2).abs().max()) < 0.05  # 5.5 sigma
+    pairs = (hits[:, :-1] * hits[:, 1:]).mean()  # neighbours independent: p^2
+    assert abs(float(pairs) - 0.04) < 0.006
+    assert R.dropped_positions(0, 0.3).numel() == 0 and R.dropped_positions(9, 0.0).numel() == 0
+
+    torch.manual_seed(3)
+    once = R.dropped_positions(5000, 0.1)
+    monkeypatch.setattr(R, "_gap_draws", lambda numel, p: 7)  # force many small draws
+    torch.manual_seed(4)
+    many = R.dropped_positions(5000, 0.1)
+    assert bool((many[1:] > many[:-1]).all()) and int(many[-1]) < 5000
+    assert abs(many.numel() - 500) < 5 * 450**0.5 and not torch.equal(once, many)
+    torch.manual_seed(4)
+    assert torch.equal(many, R.dropped_positions(5000, 0.1))
+
+
+def test_fast_dropout_zeroes_and_scales_like_dropout():
+    from upcycle.kernels.reference import dropped_positions, fast_dropout
+
+    x = torch.randn(6, 50, dtype=torch.float64).t().requires_grad_()  # non-contiguous input
+    torch.manual_seed(5)
+    y = fast_dropout(x, 0.3)
+    torch.manual_seed(5)
+    keep = torch.ones(x.numel(), dtype=torch.float64)
+    keep[dropped_positions(x.numel(), 0.3)] = 0.0
+    keep = keep.view(50, 6)
+    torch.testing.assert_close(y, x * keep / 0.7)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, keep / 0.7)
+    assert fast_dropout(x, 0.3, training=False) is x

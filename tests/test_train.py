@@ -118,9 +118,12 @@ def test_plain_lora_run_merges_to_dense(tmp_path, cli, setup):
 
 def test_resume_continues_the_same_curve(tmp_path, cli, setup):
     """A run resumed from its step-4 checkpoint (dropout on, so RNG matters) matches the
-    uninterrupted run step for step, with gradient accumulation and a cosine schedule."""
+    uninterrupted run step for step, with gradient accumulation, a cosine schedule, activation
+    checkpointing (attention only, the fused FFN outside) and heap trimming."""
     base, data = setup
     args = [
+        "--gradient-checkpointing",
+        "--trim-memory",
         "--data",
         data,
         "--max-steps",
@@ -390,3 +393,27 @@ def test_example_configs_are_valid_train_options():
         config = yaml.safe_load(text)
         assert set(config) <= known, (path, set(config) - known)
         TrainOptions(model="m", out="o", **{"data": "builtin", **config}).validate()
+
+
+def test_heap_trimmer_trims_after_growth_until_detached():
+    """On glibc, --trim-memory's trimmer hooks attention modules and calls malloc_trim once
+    resident memory has grown past its limit since the last trim, and not again before."""
+    from upcycle.train.memory import HeapTrimmer
+
+    trimmer = HeapTrimmer(limit_bytes=16 << 20)
+    if not trimmer.available:
+        pytest.skip("not glibc")
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(2))
+    for layer in model.layers:
+        layer.self_attn = torch.nn.Identity()
+    assert trimmer.attach(model) == 2
+    grown = torch.ones(16 << 20)  # 64 MB, resident
+    model.layers[0].self_attn(torch.zeros(1))
+    assert trimmer.trims == 1
+    model.layers[1].self_attn(torch.zeros(1))
+    assert trimmer.trims == 1  # no growth since the trim
+    more = torch.ones(16 << 20)
+    trimmer.detach()
+    model.layers[1].self_attn(torch.zeros(1))
+    assert trimmer.trims == 1 and grown.sum() + more.sum() > 0

@@ -65,6 +65,17 @@ def _log(msg: str) -> None:
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
 @click.option("--dtype", default="float32", show_default=True, help="float32 or bfloat16.")
 @click.option("--gradient-checkpointing", is_flag=True)
+@click.option(
+    "--checkpoint-ffn",
+    is_flag=True,
+    help="With --gradient-checkpointing, keep fused MixLoRA FFNs inside the checkpoints too "
+    "(least memory, slower).",
+)
+@click.option(
+    "--trim-memory",
+    is_flag=True,
+    help="CPU: give freed heap memory back to the system during steps (lower peak RSS, slower).",
+)
 @click.option("--load-in-4bit", is_flag=True, help="4-bit base (CUDA, bitsandbytes).")
 @click.option("--load-in-8bit", is_flag=True, help="8-bit base (CUDA, bitsandbytes).")
 @click.option("--eval-steps", type=int, default=0, show_default=True, help="0: before and after.")

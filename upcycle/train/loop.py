@@ -28,6 +28,7 @@ from upcycle.kernels.fused import release_workspace
 from upcycle.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from upcycle.train.data import IGNORE, Blocks, build_blocks, split_records
 from upcycle.train.loss import chunked_head, hidden_instead_of_logits, linear_cross_entropy
+from upcycle.train.memory import HeapTrimmer
 from upcycle.train.options import TrainOptions
 
 METRICS = "metrics.jsonl"
@@ -177,6 +178,22 @@ def attach_adapter(model, config):
 
         use_fast_dropout(model)
     return model
+
+
+def enable_checkpointing(model, ffn_outside: bool = True) -> None:
+    """Activation checkpointing per decoder layer; with `ffn_outside`, fused MixLoRA FFNs
+    stay outside the checkpoints (`upcycle.adapters.checkpointing`)."""
+    from upcycle.adapters.checkpointing import checkpoint_attention_only
+
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+    if ffn_outside:
+        checkpoint_attention_only(model)
 
 
 def _check_out(opts: TrainOptions) -> str | None:
@@ -331,8 +348,7 @@ def train(opts: TrainOptions, log=None) -> dict:
     torch.manual_seed(opts.seed)
     model = attach_adapter(model, peft_config)
     if opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model, ffn_outside=not opts.checkpoint_ffn)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
@@ -344,6 +360,9 @@ def train(opts: TrainOptions, log=None) -> dict:
     )
     model, optimizer = acc.prepare(model, optimizer)
     model.train()
+    trimmer = HeapTrimmer()
+    if opts.trim_memory and acc.device.type == "cpu" and not trimmer.attach(model):
+        say("note: --trim-memory needs glibc and decoder layers with `self_attn`; ignored")
 
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume_from is not None:
@@ -485,6 +504,7 @@ def train(opts: TrainOptions, log=None) -> dict:
                     )
     bar.close()
     release_workspace()
+    trimmer.detach()
     final = dict(last)
     if eval_blocks is not None:
         final["eval_loss"] = evaluate_loss(model, eval_blocks, opts.batch_size, acc)

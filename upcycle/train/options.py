@@ -22,6 +22,8 @@ RESUMABLE = {
     "force",
     "progress",
     "max_eval_blocks",
+    "trim_memory",
+    "checkpoint_ffn",
 }
 
 
@@ -57,6 +59,8 @@ class TrainOptions:
     max_grad_norm: float = 1.0
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    checkpoint_ffn: bool = False
+    trim_memory: bool = False
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     eval_steps: int = 0

@@ -1,0 +1,80 @@
+"""Giving freed CPU memory back to the system during training (glibc only).
+
+A training step on CPU allocates and frees the same few hundred MB per layer: projections,
+attention temporaries, the recomputed activations of checkpointed layers. glibc serves
+tensors under its mmap threshold (which rises to 32 MB once big blocks have been freed) from
+its heap and reuses little of what the previous layers freed. Measured on the default model at
+1k tokens per step: resident memory grew by about 25 MB per layer during the forward pass
+while live tensors grew by 3 MB per layer (the difference disappears when the heap is trimmed
+after every layer), so the peak RSS was 870 MB above what tensors ever used.
+
+`HeapTrimmer` (`upcycle train --trim-memory`) returns those pages: hooked on every decoder
+layer's attention (which runs in the forward pass and again in each checkpoint recompute), it
+calls `malloc_trim(0)` whenever resident memory has grown by 128 MB since the last trim. It
+is off by default because freed pages are faulted in again when reused: measured here, peak
+RSS 2.6 GB -> 1.8 GB for a step about 10% slower (docs/benchmarks.md); page faults are
+unusually expensive on this sandboxed machine, so bare-metal machines may pay less.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return libc
+
+
+class HeapTrimmer:
+    """Call `malloc_trim(0)` whenever resident memory has grown by `limit_bytes` since the
+    last trim (glibc keeps no count of free bytes that are still resident)."""
+
+    def __init__(self, limit_bytes: int = 128 << 20):
+        self.libc = _libc()
+        self.limit = limit_bytes
+        self.trims = 0
+        self.handles: list = []
+        self.page = os.sysconf("SC_PAGE_SIZE") if self.libc else 0
+        self.baseline = self.resident_bytes()
+
+    @property
+    def available(self) -> bool:
+        return self.libc is not None
+
+    def resident_bytes(self) -> int:
+        if self.libc is None:
+            return 0
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def maybe_trim(self, *_args) -> None:
+        if self.libc is None:
+            return
+        if self.resident_bytes() - self.baseline > self.limit:
+            self.libc.malloc_trim(0)
+            self.trims += 1
+            self.baseline = self.resident_bytes()
+
+    def attach(self, model) -> int:
+        """Hook every module named `self_attn` (decoder layers' attention); returns how many."""
+        if self.libc is None:
+            return 0
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] == "self_attn":
+                self.handles.append(module.register_forward_hook(self.maybe_trim))
+        return len(self.handles)
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
