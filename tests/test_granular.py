@@ -121,15 +121,19 @@ def test_partition_invariants(n, g):
         rng.standard_normal((n, 16)).astype(np.float32),
         rng.standard_normal((n, 16)).astype(np.float32),
     )
-    active = rng.random((200, n)) > 0.7
+    contrib = rng.random((200, n)).astype(np.float32) ** 4
     for parts in (
         P.contiguous(n, g),
         P.random_partition(n, g, 0, 0),
         P.kmeans_partition(gate, up, g, 0, 0),
-        P.coactivation_partition(active, g, 0, 0),
+        P.coactivation_partition(contrib, g, 0, 0)[1],
+        P.coactivation_partition(contrib, g, 0, 0, top_k=g // 4)[1],
     ):
         assert len(parts) == g
         P.check_partition(parts, n)
+    shared, routed = P.coactivation_partition(contrib, g, 0, 0, shared=2, top_k=g // 4)
+    assert len(routed) == g - 2 and shared.size == 2 * (n // g)
+    P.check_partition(routed + [shared[: n // g], shared[n // g :]], n)
     assert all(
         np.array_equal(a, b)
         for a, b in zip(
@@ -151,6 +155,68 @@ def test_kmeans_groups_similar_neurons():
         rows[:, :16].astype(np.float32), rows[:, 16:].astype(np.float32), 4, 0, 0
     )
     assert all(len(set(labels[p])) == 1 for p in parts)
+
+
+def _coactivating(seed=0, groups=6, size=8, tokens=300):
+    """Contributions where neurons come in `groups` hidden teams, each active on its own tokens,
+    plus two always-large neurons per team's worth of width (the natural shared ones)."""
+    rng = np.random.default_rng(seed)
+    team = np.repeat(np.arange(groups), size)
+    rng.shuffle(team)
+    topic = rng.integers(0, groups, tokens)
+    contrib = 0.05 * rng.random((tokens, groups * size))
+    contrib += (team[None, :] == topic[:, None]) * (1 + rng.random((tokens, groups * size)))
+    return contrib.astype(np.float32), team
+
+
+def test_coactivation_groups_neurons_that_matter_together():
+    contrib, team = _coactivating()
+    shared, routed = P.coactivation_partition(contrib, 6, 0, 0, top_k=1)
+    assert shared.size == 0
+    assert all(len(set(team[p])) == 1 for p in routed)
+
+
+def test_coactivation_shared_takes_largest_mean_share_and_is_deterministic():
+    contrib, _ = _coactivating()
+    big = np.array([3, 17, 30, 41, 44, 47, 5, 9])
+    contrib[:, big] += 5.0  # always large: these must be the shared expert
+    a = P.coactivation_partition(contrib, 6, 3, 1, shared=1, top_k=2)
+    b = P.coactivation_partition(contrib, 6, 3, 1, shared=1, top_k=2)
+    assert np.array_equal(a[0], np.sort(big))
+    P.check_partition(a[1] + [a[0]], contrib.shape[1])
+    assert np.array_equal(a[0], b[0]) and all(
+        np.array_equal(x, y) for x, y in zip(a[1], b[1], strict=True)
+    )
+
+
+def test_refine_for_topk_never_lowers_the_captured_weight():
+    contrib, team = _coactivating(seed=1)
+    share = P.token_shares(contrib)
+    rng = np.random.default_rng(0)
+    start = rng.permutation(np.repeat(np.arange(6), 8))  # a random balanced start
+    _, before = P.topk_captured(share, start, 6, 2)
+    refined = P.refine_for_topk(share, start, 6, 2)
+    _, after = P.topk_captured(share, refined, 6, 2)
+    assert after > before
+    assert np.array_equal(np.bincount(refined, minlength=6), np.full(6, 8))
+    assert np.array_equal(P.refine_for_topk(share, start, 6, 6), start)  # k = all: no-op
+
+
+def test_refine_for_router_keeps_balance_and_never_lowers_what_the_router_captures():
+    contrib, team = _coactivating(seed=2)
+    share = P.token_shares(contrib)
+    rng = np.random.default_rng(1)
+    # router inputs that reveal each token's topic (linearly), plus noise
+    topic = np.argmax(contrib @ np.eye(6)[team], axis=1)
+    x = np.eye(6)[topic] @ rng.standard_normal((6, 16)) + 0.1 * rng.standard_normal((300, 16))
+    start = rng.permutation(np.repeat(np.arange(6), 8))
+    refined = P.refine_for_router(share, x.astype(np.float32), start, 6, 1)
+    assert np.array_equal(np.bincount(refined, minlength=6), np.full(6, 8))
+    # neurons of one team end up together: then the router can pick them
+    assert all(len(set(refined[team == t])) == 1 for t in range(6))
+    shared, routed = P.coactivation_partition(contrib, 6, 0, 0, top_k=1, router_inputs=x)
+    assert shared.size == 0
+    P.check_partition(routed, contrib.shape[1])
 
 
 def test_split_shared_takes_most_important():

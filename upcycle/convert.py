@@ -48,7 +48,7 @@ class ConvertOptions:
     shared_experts: int = 0
     partition: str = "contiguous"
     calibration_data: str | None = None
-    calibration_tokens: int = 2048
+    calibration_tokens: int = 8192
     moe_layers: str = "all"
     router_aux_loss_coef: float = 0.001
     seed: int = 0

@@ -86,7 +86,7 @@ def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
 @click.option(
     "--calibration-tokens",
     type=int,
-    default=2048,
+    default=8192,
     show_default=True,
     help="Calibration tokens per layer kept in memory.",
 )

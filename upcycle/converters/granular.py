@@ -56,7 +56,7 @@ class GranularMethod:
         router_std: float = 0.02,
         seed: int = 0,
         calibration_texts: list[str] | None = None,
-        calibration_tokens: int = 2048,
+        calibration_tokens: int = 8192,
         active_fraction: float | None = None,
     ):
         self.granularity = granularity
@@ -142,15 +142,25 @@ class GranularMethod:
         """(shared neuron indices, routed parts) for layer i; arrays are float32."""
         n, g = gate.shape[0], self.granularity
         acts = self._acts.get(i)
+        if self.partition == "coactivation":
+            # replicas of a part share its router row, so a token's top-k takes whole groups
+            per_token = min(-(-self.top_k // self.replicas), g - self.shared)
+            return P.coactivation_partition(
+                acts.contributions(down),
+                g,
+                self.seed,
+                i,
+                shared=self.shared,
+                top_k=per_token,
+                router_inputs=acts.x,
+            )
         fraction = self.active_fraction or max(self.top_k / self.num_experts, 1 / g)
         if self.partition == "contiguous":
             parts = P.contiguous(n, g)
         elif self.partition == "random":
             parts = P.random_partition(n, g, self.seed, i)
-        elif self.partition == "kmeans":
-            parts = P.kmeans_partition(gate, up, g, self.seed, i)
         else:
-            parts = P.coactivation_partition(acts.active(down, fraction), g, self.seed, i)
+            parts = P.kmeans_partition(gate, up, g, self.seed, i)
         importance = None
         if self.shared and self.partition != "contiguous":
             if acts is not None:  # how often a neuron is among a token's most important

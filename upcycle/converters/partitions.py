@@ -1,7 +1,8 @@
 """Neuron partitions for granular upcycling: which FFN neurons share an expert.
 
-Every partition is a list of G equal-size, disjoint index arrays covering range(I), computed
-with numpy and deterministic for a given seed. Which neurons share an expert decides most of
+Every partition is a list of G equal-size, disjoint index arrays covering range(I) (for
+coactivation: the shared neurons and G - S such routed parts), computed with numpy and
+deterministic for a given seed. Which neurons share an expert decides most of
 the quality of a granular MoE before training (REFERENCE: contiguous G=64 at 50% active, oracle
 routing, perplexity 47.9; co-activation 33.3; dense 11.7), so the clustering ones matter.
 
@@ -9,8 +10,12 @@ routing, perplexity 47.9; co-activation 33.3; dense 11.7), so the clustering one
 - random: a seeded permutation cut into G parts
 - kmeans: balanced k-means on the normalized concatenation [gate_i, up_i] of each neuron's rows
   (LLaMA-MoE, https://arxiv.org/abs/2406.16554; MoEfication, https://arxiv.org/abs/2110.01786)
-- coactivation: balanced k-means on each neuron's activation pattern over calibration tokens
-  (which tokens it is important for), so neurons that fire together share an expert
+- coactivation: from each neuron's share of every calibration token's FFN output. The shared
+  expert takes the neurons with the largest mean share; the rest are clustered by their share
+  patterns (balanced k-means), then refined for top-k routing: alternately take each token's
+  top-k parts by captured share, and reassign neurons (balanced) to the parts that are chosen on
+  the tokens they matter for, as long as the captured share grows; then the same with the
+  parts a linear router (fitted like the activation router) picks instead of the oracle's
 """
 
 from __future__ import annotations
@@ -94,13 +99,148 @@ def kmeans_partition(
     return balanced_kmeans(np.concatenate([gate, up], axis=1), groups, seed=seed * 1_000 + layer)
 
 
+def token_shares(contributions: np.ndarray) -> np.ndarray:
+    """(T, I) contributions -> each neuron's share of its token's total (rows sum to 1)."""
+    c = contributions.astype(np.float32, copy=False)
+    return c / np.maximum(c.sum(axis=1, keepdims=True), np.float32(1e-12))
+
+
+def cluster_mass(weights: np.ndarray, assign: np.ndarray, groups: int) -> np.ndarray:
+    """(T, groups): each token's summed weight per cluster, for weights (T, N), ids (N,)."""
+    onehot = np.zeros((assign.size, groups), np.float32)
+    onehot[np.arange(assign.size), assign] = 1
+    return weights @ onehot
+
+
+def top_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """(T, groups) 0/1 mask of each row's k largest scores."""
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    chosen = np.zeros_like(scores)
+    np.put_along_axis(chosen, top, 1.0, axis=1)
+    return chosen
+
+
+def topk_captured(weights: np.ndarray, assign: np.ndarray, groups: int, k: int):
+    """For weights (T, N) >= 0 and cluster ids (N,): each token's k clusters with the largest
+    summed weight, as a (T, groups) 0/1 mask, and the total weight they capture."""
+    mass = cluster_mass(weights, assign, groups)
+    chosen = top_mask(mass, k)
+    return chosen, float((mass * chosen).sum(dtype=np.float64))
+
+
+def _refine(weights, assign, groups, rounds, choose) -> np.ndarray:
+    """Rounds of: each token keeps the clusters `choose(mass)` marks (a (T, groups) mask from
+    the (T, groups) cluster masses); every neuron moves (balanced) to the clusters kept on the
+    tokens it contributes to, weights.T @ chosen. Stops when the captured weight no longer
+    grows; returns the best (N,) ids."""
+    size = assign.size // groups
+    weights = weights.astype(np.float32, copy=False)
+    best, best_score = assign, -np.inf
+    for _ in range(rounds + 1):
+        mass = cluster_mass(weights, assign, groups)
+        chosen = choose(mass)
+        score = float((mass * chosen).sum(dtype=np.float64))
+        if score <= best_score:
+            break
+        best, best_score = assign, score
+        assign = balanced_assign(weights.T @ chosen, size)
+    return best
+
+
+def refine_for_topk(
+    weights: np.ndarray, assign: np.ndarray, groups: int, k: int, rounds: int = 10
+) -> np.ndarray:
+    """Improve equal-size clusters of N neurons for routing that keeps k clusters per token.
+
+    weights: (T, N) >= 0, what each neuron contributes to each token. The objective is the
+    weight captured when every token keeps its k heaviest clusters (what an oracle router
+    keeps). Each round fixes the tokens' choices and moves every neuron, with balanced_assign,
+    to the cluster whose choosing tokens it contributes most to: weights.T @ chosen. That
+    cannot lower the objective for the fixed choices; the choices are then recomputed, and
+    the rounds stop when the captured weight no longer grows. Returns the best (N,) ids.
+    """
+    if k >= groups:
+        return assign
+    return _refine(weights, assign, groups, rounds, lambda mass: top_mask(mass, k))
+
+
+def refine_for_router(
+    weights: np.ndarray,
+    x: np.ndarray,
+    assign: np.ndarray,
+    groups: int,
+    k: int,
+    rounds: int = 10,
+    ridge: float = 0.1,
+) -> np.ndarray:
+    """Like refine_for_topk, but each token keeps the k clusters a linear router would pick.
+
+    The router is what `--router-init activation` and `upcycle calibrate` fit: a ridge
+    regression from the router input x (T, H) to each cluster's log weight (here the summed
+    weights, a proxy for the log output norm), ridge relative to the mean eigenvalue of x.T x.
+    Each round refits it to the current clusters (one (H, T) solve up front, then two matrix
+    products), takes each token's top-k by its prediction, and moves the neurons to the
+    clusters that are picked on the tokens they matter for: the clusters become ones a linear
+    router can find. Stops when the weight captured by the router's picks no longer grows;
+    returns the best (N,) ids.
+    """
+    if k >= groups:
+        return assign
+    x64 = x.astype(np.float64)
+    gram = x64.T @ x64
+    lam = ridge * np.trace(gram) / gram.shape[0]
+    solve = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x64.T).astype(np.float32)
+    x = x.astype(np.float32, copy=False)
+
+    def routed(mass):
+        return top_mask(x @ (solve @ np.log(mass + np.float32(1e-9))), k)
+
+    return _refine(weights, assign, groups, rounds, routed)
+
+
 def coactivation_partition(
-    active: np.ndarray, groups: int, seed: int, layer: int
-) -> list[np.ndarray]:
-    """active: (T, I) boolean, True where a neuron is among a token's most important ones."""
-    features = active.T.astype(np.float32)  # (I, T): the tokens each neuron matters for
-    features -= features.mean(axis=1, keepdims=True)  # compare patterns, not frequencies
-    return balanced_kmeans(features, groups, seed=seed * 1_000 + layer)
+    contributions: np.ndarray,
+    groups: int,
+    seed: int,
+    layer: int,
+    shared: int = 0,
+    top_k: int | None = None,
+    router_inputs: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(shared neurons, routed parts) from contributions (T, I): |h_i| * ||down[:, i]|| per token.
+
+    Contributions are taken as shares of each token's total, so every token counts alike. The
+    shared expert gets the `shared` parts' worth of neurons with the largest mean share (those
+    every token needs); the other neurons are clustered into `groups - shared` parts by their
+    centered share patterns over tokens (balanced cosine k-means). With `top_k` (routed parts
+    a token gets) the parts are then refined for the oracle's top-k (refine_for_topk) and,
+    given the router inputs x (T, H) of the same tokens, for a linear router's top-k
+    (refine_for_router). Choosing the shared neurons first lets the clusters form among the
+    routed neurons only. The clusters alone help little (neurons' share patterns are nearly
+    uncorrelated); the refinements do most: default model, G=64, S=16, top-16, 8192 tokens,
+    see docs/benchmarks.md ("Granular upcycling quality").
+    """
+    share = token_shares(contributions)
+    n = share.shape[1]
+    size = n // groups
+    top = np.sort(np.argsort(-share.mean(axis=0), kind="stable")[: shared * size])
+    rest = np.setdiff1d(np.arange(n), top)
+    routed = groups - shared
+    features = share[:, rest].T.copy()  # (R, T): the tokens each neuron matters for
+    features -= features.mean(axis=1, keepdims=True)  # compare patterns, not sizes
+    assign = np.empty(rest.size, dtype=np.int64)
+    for c, part in enumerate(balanced_kmeans(features, routed, seed=seed * 1_000 + layer)):
+        assign[part] = c
+    if top_k:
+        assign = refine_for_topk(share[:, rest], assign, routed, top_k)
+        if router_inputs is not None:
+            assign = refine_for_router(share[:, rest], router_inputs, assign, routed, top_k)
+    return top, _groups_of(rest, assign, routed)
+
+
+def _groups_of(index: np.ndarray, assign: np.ndarray, groups: int) -> list[np.ndarray]:
+    """Cluster ids over `index` -> sorted index arrays, ordered by their smallest neuron."""
+    return sorted((np.sort(index[assign == c]) for c in range(groups)), key=lambda p: int(p[0]))
 
 
 def split_shared(
