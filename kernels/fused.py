@@ -112,6 +112,21 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, rows: int = 256) -> torch.Tensor:
     return out
 
 
+def _base(x, gate_w, up_w, scratch: bool):
+    """The base projections g = x W_gate^T, u = x W_up^T; in workspace slots with `scratch`
+    (when they are not kept for backward)."""
+    if not scratch:
+        return F.linear(x, gate_w), F.linear(x, up_w)
+    T, inter = x.shape[0], gate_w.shape[0]
+    g = torch.mm(x, gate_w.t(), out=_buffer("g", T, inter, x))
+    return g, torch.mm(x, up_w.t(), out=_buffer("u", T, inter, x))
+
+
+def _dropped(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """x with the dropped positions zeroed (a copy), or x itself without dropout."""
+    return x if positions is None else zero_at(x.clone(), positions)
+
+
 def _none_if_empty(t: torch.Tensor) -> torch.Tensor | None:
     return t if t.numel() else None
 
@@ -127,21 +142,16 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         order, tokens, counts = sort_by_expert(experts, num_experts)
         T, TK, inter = x.shape[0], tokens.shape[0], gate_w.shape[0]
         ws = weights.reshape(-1)[order].to(x.dtype)
-        if lean:  # g and u are recomputed in backward: scratch tensors here
-            g = torch.mm(x, gate_w.t(), out=_buffer("g", T, inter, x))
-            u = torch.mm(x, up_w.t(), out=_buffer("u", T, inter, x))
-        else:
-            g = F.linear(x, gate_w)
-            u = F.linear(x, up_w)
+        g, u = _base(x, gate_w, up_w, scratch=lean)  # lean: recomputed in backward
         scale = 1.0 / (1.0 - p) if p > 0 else 1.0
         drop_x = drop_h = None
         low = {}
         if A["gate"] is not None or A["up"] is not None:
-            xd = x
             if p > 0:
                 drop_x = dropped_positions(x.numel(), p, x.device)
-                xd = zero_at(x.clone(), drop_x)
-            xd = torch.index_select(xd, 0, tokens, out=_buffer("th", TK, x.shape[1], x))
+            xd = torch.index_select(
+                _dropped(x, drop_x), 0, tokens, out=_buffer("th", TK, x.shape[1], x)
+            )
             for role in ("gate", "up"):
                 if A[role] is not None:
                     low[role] = _seg_mm(xd, counts, A[role], True).mul_(scale)
@@ -187,8 +197,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         dy = dy.contiguous()
         wcol = ws[:, None]
         if not g.numel():  # recompute_base: rerun the base projections
-            g = torch.mm(x, gate_w.t(), out=_buffer("g", T, inter, x))
-            u = torch.mm(x, up_w.t(), out=_buffer("u", T, inter, x))
+            g, u = _base(x, gate_w, up_w, scratch=True)
         # recompute the element-wise forward on sorted (token, slot) rows
         silu = _gathered(g, tokens, low["gate"], B["gate"], counts, _buffer("a", TK, inter, x))
         us = _gathered(u, tokens, low["up"], B["up"], counts, _buffer("b", TK, inter, x))
@@ -228,8 +237,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             grads[f"B_{role}"] = _seg_outer(d_s, low[role], counts)
             d_low = _seg_mm(d_s, counts, B[role], False).mul_(scale)
             if xd is None:
-                xd = zero_at(x.clone(), drop_x) if drop_x is not None else x
-                xd = torch.index_select(xd, 0, tokens, out=_buffer("th", TK, H, x))
+                xd = torch.index_select(_dropped(x, drop_x), 0, tokens, out=_buffer("th", TK, H, x))
             grads[f"A_{role}"] = _seg_outer(d_low, xd, counts)
             if d_xd is None:
                 d_xd = _seg_mm(d_low, counts, A[role], False, out=_buffer("th2", TK, H, x))

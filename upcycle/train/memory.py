@@ -12,7 +12,7 @@ after every layer), so the peak RSS was 870 MB above what tensors ever used.
 layer's attention (which runs in the forward pass and again in each checkpoint recompute), it
 calls `malloc_trim(0)` whenever resident memory has grown by 128 MB since the last trim. It
 is off by default because freed pages are faulted in again when reused: measured here, peak
-RSS 2.6 GB -> 1.8 GB for a step about 10% slower (docs/benchmarks.md); page faults are
+RSS 2.6 GB -> 1.8 GB for a step 8% slower at 1 thread (docs/benchmarks.md); page faults are
 unusually expensive on this sandboxed machine, so bare-metal machines may pay less.
 """
 
