@@ -84,17 +84,20 @@ def cli_eval(model: str, plot: str | None = None) -> dict:
     return {"perplexity": r["perplexity"], "loss": r["loss"], "tokens": r["tokens"]}
 
 
-def oracle_eval(model_dir: str, by_norm: bool = True) -> dict:
-    """Perplexity with every MoE block routed to its top-k experts by output norm, weights 1/k.
+def oracle_eval(model_dir: str, by: str = "norm") -> dict:
+    """Perplexity with every MoE block routed by an oracle, weights 1/k.
 
-    by_norm=False keeps the router's own top-k choice and only makes the weights uniform (a
-    diagnostic: how much of a calibrated router's loss comes from its mixing weights).
+    by="norm": each token's top-k experts by output norm; by="error": the k experts whose sum
+    comes closest to all experts' output (`upcycle.calibrate.error_oracle`, what `calibrate`
+    fits by default); by="router" keeps the router's own top-k choice and only makes the
+    weights uniform (a diagnostic: how much of a calibrated router's loss comes from its
+    mixing weights).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from upcycle.calibrate import expert_output_norms
+    from upcycle.calibrate import error_oracle, expert_output_norms
     from upcycle.data import resolve_texts, token_blocks
     from upcycle.evaluate.perplexity import perplexity
 
@@ -107,9 +110,11 @@ def oracle_eval(model_dir: str, by_norm: bool = True) -> dict:
     def hook(block):
         def replace(gate, args, output):
             logits = output[0]
-            if by_norm:
-                x = args[0].reshape(-1, args[0].shape[-1])
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if by == "norm":
                 index = expert_output_norms(block.experts, x).topk(k, dim=-1).indices
+            elif by == "error":
+                index = error_oracle(block.experts, x, k).float().topk(k, dim=-1).indices
             else:
                 index = output[2]
             weights = torch.full(index.shape, 1.0 / k, dtype=output[1].dtype)
@@ -304,6 +309,10 @@ def run_cell(c: dict, results: dict, dense_ppl: float) -> None:
         rec["oracle_ppl"] = oracle_eval(out)["perplexity"]
         rec["oracle_ratio"] = rec["oracle_ppl"] / dense_ppl
         save(results)
+    if c["oracle"] and want_uniform and "error_oracle_ppl" not in rec:
+        rec["error_oracle_ppl"] = oracle_eval(out, by="error")["perplexity"]
+        rec["error_oracle_ratio"] = rec["error_oracle_ppl"] / dense_ppl
+        save(results)
     if c["calibrate"]:
         cal = out + "-cal"
         rec.update(calibrate(out, cal))
@@ -313,7 +322,7 @@ def run_cell(c: dict, results: dict, dense_ppl: float) -> None:
             rec["calibrated_ratio"] = r["perplexity"] / dense_ppl
             save(results)
         if want_uniform:
-            rec["calibrated_uniform_ppl"] = oracle_eval(cal, by_norm=False)["perplexity"]
+            rec["calibrated_uniform_ppl"] = oracle_eval(cal, by="router")["perplexity"]
             rec["calibrated_uniform_ratio"] = rec["calibrated_uniform_ppl"] / dense_ppl
         shutil.rmtree(cal, ignore_errors=True)
     rec["done"] = True
@@ -325,16 +334,17 @@ def run_cell(c: dict, results: dict, dense_ppl: float) -> None:
 def table(results: dict) -> str:
     """The markdown table of docs/benchmarks.md from quality.json."""
     runs = [r for r in results["runs"].values() if "router_ratio" in r]
-    oracle = {}
+    oracle = {}  # "norm" oracle ratio, or "norm / error" where both were measured
     for r in runs:
         if "oracle_ratio" in r:
-            oracle[(r["g"], r["s"], r["e"], r["k"], r["partition"], r["target"])] = r[
-                "oracle_ratio"
-            ]
+            o = f"{r['oracle_ratio']:.3f}"
+            if "error_oracle_ratio" in r:
+                o += f" / {r['error_oracle_ratio']:.3f}"
+            oracle[(r["g"], r["s"], r["e"], r["k"], r["partition"], r["target"])] = o
     dense = results["meta"]["dense_ppl"]
     rows = [
         "| config | active | partition | router | calibrated? | perplexity | ratio to dense "
-        "| oracle ratio | router/oracle overlap |",
+        "| oracle ratio (norm / error) | router/oracle overlap |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| dense | 100% | - | - | - | {dense:.3f} | 1.000 | - | - |",
     ]
@@ -342,7 +352,7 @@ def table(results: dict) -> str:
         shared = f" S={r['s']}" if r["s"] else ""
         cfg = f"G={r['g']}{shared} E={r['e']} k={r['k']} ({r['target']})"
         o = oracle.get((r["g"], r["s"], r["e"], r["k"], r["partition"], r["target"]))
-        ostr = f"{o:.3f}" if o is not None else "-"
+        ostr = o if o is not None else "-"
         act = f"{100 * r['active_fraction']:.0f}%"
         head = f"| {cfg} | {act} | {r['partition']} | {r['router']}"
         before = f"{r['overlap_before']:.2f}" if "overlap_before" in r else "-"

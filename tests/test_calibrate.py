@@ -22,7 +22,7 @@ def _corpus(path, n=300, seed=0):
     return str(path)
 
 
-def calibrate_small(cli, moe, out, data):
+def calibrate_small(cli, moe, out, data, *extra):
     """A quick calibration: 1024 tokens in blocks of 64, per-layer report as JSON."""
     return cli(
         "calibrate",
@@ -36,6 +36,7 @@ def calibrate_small(cli, moe, out, data):
         "64",
         "--json",
         "-q",
+        *extra,
     )
 
 
@@ -43,6 +44,70 @@ def test_topk_overlap():
     logits = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
     norms = np.array([[9.0, 1.0, 8.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
     assert topk_overlap(logits, norms, 2) == 0.75
+
+
+def test_topk_overlap_with_a_chosen_set():
+    logits = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    chosen = np.array([[True, False, True, False], [False, False, True, True]])
+    assert topk_overlap(logits, chosen, 2) == 0.75
+
+
+class _Experts(torch.nn.Module):
+    """transformers' fused-experts layout, random weights."""
+
+    def __init__(self, e=6, h=8, i=5, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(e, 2 * i, h, generator=g))
+        self.down_proj = torch.nn.Parameter(torch.randn(e, h, i, generator=g))
+        self.act_fn = torch.nn.functional.silu
+
+
+def _outputs(experts, x):
+    return torch.stack(
+        [
+            torch.nn.functional.linear(
+                experts.act_fn(g) * u, experts.down_proj[e]
+            )  # expert e's output
+            for e in range(experts.gate_up_proj.shape[0])
+            for g, u in [torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, -1)]
+        ],
+        dim=1,
+    )
+
+
+def test_error_oracle_picks_the_closest_sums():
+    """k experts per token, chosen greedily to approach the sum of all outputs: exact for k=1
+    (the best single expert), and on average closer than the k largest outputs for k=2."""
+    from itertools import combinations
+
+    from upcycle.calibrate import error_oracle
+
+    experts = _Experts()
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        o = _outputs(experts, x).double()
+
+    def error(chosen, k):  # (T,) squared distance of the chosen outputs / k to the target
+        t = o.sum(1) / k
+        return ((o * chosen[:, :, None]).sum(1) / k - t).square().sum(-1)
+
+    for k in (1, 2):
+        chosen = error_oracle(experts, x, k, chunk=128)  # several chunks
+        assert chosen.dtype == torch.bool and (chosen.sum(1) == k).all()
+        sets = [
+            torch.zeros(6, dtype=torch.bool).index_fill(0, torch.tensor(c), True)
+            for c in combinations(range(6), k)
+        ]
+        errors = torch.stack([error(s.expand(300, 6).double(), k) for s in sets], 1)
+        ours = error(chosen.double(), k)
+        assert (ours >= errors.min(1).values - 1e-6).all()
+        if k == 1:
+            torch.testing.assert_close(ours, errors.min(1).values)
+        else:
+            norms = o.norm(dim=-1).topk(k, dim=1).indices
+            by_norm = torch.zeros(300, 6, dtype=torch.double).scatter(1, norms, 1.0)
+            assert ours.mean() < error(by_norm, k).mean()
 
 
 def test_calibrate_moves_routers_toward_the_oracle(tmp_path, cli):
@@ -57,6 +122,9 @@ def test_calibrate_moves_routers_toward_the_oracle(tmp_path, cli):
     before = np.mean([x["oracle_overlap_before"] for x in reports])
     after = np.mean([x["oracle_overlap_after"] for x in reports])
     assert after > before + 0.1
+    norm = calibrate_small(cli, moe, str(tmp_path / "cal-norm"), data, "--objective", "norm")
+    assert norm.code == 0, norm
+    assert np.mean([x["oracle_overlap_after"] for x in json.loads(norm.out)]) > 0.5
     a, b = AutoModelForCausalLM.from_pretrained(moe), AutoModelForCausalLM.from_pretrained(out)
     assert not torch.equal(a.model.layers[0].mlp.gate.weight, b.model.layers[0].mlp.gate.weight)
     torch.testing.assert_close(

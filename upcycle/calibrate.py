@@ -1,16 +1,25 @@
 """Fit the routers of an upcycled MoE to its frozen experts on calibration text.
 
-The oracle for a token is the set of top-k experts with the largest outputs ||expert_e(x)||:
-the experts that matter most for the layer's output. For each MoE layer, in order, we take the
-router inputs x the model actually produces (upstream layers already calibrated), compute every
-expert's output norm, and fit the router by ridge regression to predict the log norms
-(as MoEfication's activation router does; closed form, seconds per layer); a layer whose
-existing router already picks more of the oracle's experts keeps it. The pass
-goes layer by layer over one block of tokens at a time: the hidden states of all calibration
-tokens are kept between layers (tokens x hidden floats), each MoE layer's router inputs are
-gathered, its router is fitted, and only then does the layer run for real. Memory is the model
-plus those hidden states, whatever the number of tokens. The checkpoint is then rewritten with
-the new router weights, every other tensor copied byte for byte.
+A router can only pick experts; what it should pick for a token is an *oracle* choice computed
+from the experts' actual outputs. Two oracles (`objective`):
+
+- "error" (default): the k experts whose outputs, added with the uniform weights 1/k the
+  granular scaling assumes, come closest to the output of all experts together (for a granular
+  model, the routed part of the dense FFN). Chosen greedily per token (matching pursuit on the
+  per-token Gram matrix of expert outputs, E x E, so it costs little beyond the expert outputs).
+  Parts whose outputs partly cancel are not all worth taking, which the norm oracle ignores.
+- "norm": the k experts with the largest output norms ||expert_e(x)|| (MoEfication).
+
+The router is fitted by ridge regression (closed form, seconds per layer): to the oracle's
+k-hot choice for "error", to the log norms for "norm". A layer whose existing router already
+picks more of the oracle's experts keeps it.
+
+For each MoE layer, in order, we take the router inputs x the model actually produces (upstream
+layers already calibrated): the hidden states of all calibration tokens are kept between layers
+(tokens x hidden floats), each MoE layer's router inputs are gathered, its router is fitted, and
+only then does the layer run for real. Memory is the model plus those hidden states, whatever
+the number of tokens. The checkpoint is then rewritten with the new router weights, every other
+tensor copied byte for byte.
 """
 
 from __future__ import annotations
@@ -40,25 +49,68 @@ class LayerReport:
     oracle_overlap_after: float
 
 
-def topk_overlap(logits: np.ndarray, norms: np.ndarray, k: int) -> float:
-    """Mean over tokens of |router top-k ∩ oracle top-k| / k."""
+def topk_overlap(logits: np.ndarray, oracle: np.ndarray, k: int) -> float:
+    """Mean over tokens of |router top-k ∩ oracle's k| / k; `oracle` is (T, E) bool (the
+    oracle's choice) or scores whose top-k is the choice."""
     pick = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    best = np.argpartition(-norms, k - 1, axis=1)[:, :k]
-    hits = (pick[:, :, None] == best[:, None, :]).any(axis=2).sum(axis=1)
+    if oracle.dtype != np.bool_:
+        best = np.argpartition(-oracle, k - 1, axis=1)[:, :k]
+        oracle = np.zeros(oracle.shape, dtype=bool)
+        np.put_along_axis(oracle, best, True, axis=1)
+    hits = np.take_along_axis(oracle, pick, axis=1).sum(axis=1)
     return float(hits.mean() / k)
+
+
+OBJECTIVES = ("error", "norm")
+
+
+def _expert_outputs(experts, x):
+    """(T, E, H) outputs of every expert of a transformers fused-experts module on x (T, H):
+    one matrix product for all gate/up projections, one batched product for the downs."""
+    import torch
+
+    num, two_inter, hidden = experts.gate_up_proj.shape
+    with torch.no_grad():
+        gu = (x @ experts.gate_up_proj.reshape(num * two_inter, hidden).t()).view(
+            -1, num, two_inter
+        )
+        gate, up = gu.chunk(2, dim=-1)
+        h = (experts.act_fn(gate) * up).transpose(0, 1)  # (E, T, I)
+        return torch.bmm(h, experts.down_proj.transpose(1, 2)).transpose(0, 1)
 
 
 def expert_output_norms(experts, x):
     """(T, E) output norms of every expert of a transformers fused-experts module on x (T, H)."""
+    return _expert_outputs(experts, x).norm(dim=-1)
+
+
+def error_oracle(experts, x, k: int, chunk: int = 1024):
+    """(T, E) bool: per token, k experts chosen greedily so that their outputs with weights 1/k
+    come closest to the sum of all expert outputs over k (for a granular model scaled by
+    upcycle, exactly the routed part of the dense FFN output).
+
+    With c_e = o_e / k, target t = sum_e c_e and chosen set S, the squared error is
+    |t|^2 - 2 sum_S t.c_e + sum_{e,f in S} c_e.c_f; each greedy step adds the expert that lowers
+    it most, which needs only t.c (T, E) and the Gram matrix c.c^T (T, E, E).
+    """
     import torch
 
-    out = []
-    with torch.no_grad():
-        for e in range(experts.gate_up_proj.shape[0]):
-            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            y = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
-            out.append(y.norm(dim=-1))
-    return torch.stack(out, dim=1)
+    picks = []
+    for s in range(0, x.shape[0], chunk):
+        c = _expert_outputs(experts, x[s : s + chunk]).float().contiguous() / k  # (t, E, H)
+        tc = torch.bmm(c, c.sum(dim=1, keepdim=True).transpose(1, 2)).squeeze(2)  # (t, E)
+        gram = torch.bmm(c, c.transpose(1, 2))  # (t, E, E)
+        self_term = gram.diagonal(dim1=1, dim2=2)
+        taken = torch.zeros_like(tc, dtype=torch.bool)
+        acc = torch.zeros_like(tc)  # sum over chosen f of c_e . c_f
+        rows = torch.arange(tc.shape[0])
+        for _ in range(k):
+            gain = (2 * (tc - acc) - self_term).masked_fill(taken, -torch.inf)
+            best = gain.argmax(dim=1)
+            taken[rows, best] = True
+            acc += gram[rows, :, best]
+        picks.append(taken)
+    return torch.cat(picks)
 
 
 class _Stop(Exception):
@@ -117,6 +169,7 @@ def calibrate(
     max_tokens: int = 32768,
     seq_len: int = 256,
     ridge: float = 0.1,
+    objective: str = "error",
     force: bool = False,
     progress: bool = True,
     log=None,
@@ -133,6 +186,8 @@ def calibrate(
         )
     if ridge <= 0:
         raise OptionError("--ridge must be positive")
+    if objective not in OBJECTIVES:
+        raise OptionError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -171,12 +226,16 @@ def calibrate(
                 block = layer.mlp
                 x = torch.cat([_input_of(block, partial(layer, h, *args, **kw)) for h in hidden])
                 x = x.reshape(-1, x.shape[-1])
-                norms = expert_output_norms(block.experts, x).float().numpy()
                 xs = x.float().numpy()
+                if objective == "error":
+                    oracle = error_oracle(block.experts, x, top_k).numpy()
+                    w = fit_linear_router(xs, oracle.astype(np.float64), ridge=ridge, log=False)
+                else:
+                    oracle = expert_output_norms(block.experts, x).float().numpy()
+                    w = fit_linear_router(xs, oracle, ridge=ridge)
                 old = block.gate.weight.detach().float().numpy()
-                before = topk_overlap(xs @ old.T, norms, top_k)
-                w = fit_linear_router(xs, norms, ridge=ridge)
-                after = topk_overlap(xs @ w.T, norms, top_k)
+                before = topk_overlap(xs @ old.T, oracle, top_k)
+                after = topk_overlap(xs @ w.T, oracle, top_k)
                 if (
                     after < before
                 ):  # the fit ranks worse than the router it would replace: keep that
@@ -188,7 +247,7 @@ def calibrate(
             hidden = [_output(layer(h, *args, **kw)) for h in hidden]
     bar.close()
     del model
-    _write(ckpt, target, routers, out, force, reports, texts_tokens=int(blocks.numel()))
+    _write(ckpt, target, routers, out, force, reports, int(blocks.numel()), objective)
     log(f"calibrated {len(reports)} routers in {time.perf_counter() - start:.1f} s")
     return reports
 
@@ -201,6 +260,7 @@ def _write(
     force: bool,
     reports: list[LayerReport],
     texts_tokens: int,
+    objective: str,
 ) -> None:
     prefix = "model.layers.{i}."
     replace = {prefix.format(i=i) + target.router: w for i, w in routers.items()}
@@ -228,6 +288,7 @@ def _write(
         prov = json.load(open(prov_path)) if os.path.isfile(prov_path) else {}
         prov["calibration"] = {
             "tokens": texts_tokens,
+            "objective": objective,
             "oracle_overlap_before": float(np.mean([r.oracle_overlap_before for r in reports])),
             "oracle_overlap_after": float(np.mean([r.oracle_overlap_after for r in reports])),
         }

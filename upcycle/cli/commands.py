@@ -188,14 +188,22 @@ def fetch_default(force):
 )
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--ridge", type=float, default=0.1, show_default=True, help="Relative ridge penalty.")
+@click.option(
+    "--objective",
+    type=click.Choice(["error", "norm"]),
+    default="error",
+    show_default=True,
+    help="Oracle the router learns: the k experts closest to all experts' output (error) "
+    "or the k largest outputs (norm).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="Per-layer report as JSON.")
 @click.option("--quiet", "-q", is_flag=True)
-def calibrate(model, out, data, max_tokens, seq_len, ridge, force, as_json, quiet):
+def calibrate(model, out, data, max_tokens, seq_len, ridge, objective, force, as_json, quiet):
     """Fit the routers of the MoE MODEL to its frozen experts; write the result to OUT.
 
-    The target for each token is the set of top-k experts with the largest outputs (the
-    oracle); the report gives the fraction of it the router picks before and after.
+    The target for each token is an oracle's choice of k experts computed from their outputs
+    (see --objective); the report gives the fraction of it the router picks before and after.
     """
     from dataclasses import asdict
 
@@ -213,6 +221,7 @@ def calibrate(model, out, data, max_tokens, seq_len, ridge, force, as_json, quie
         max_tokens=max_tokens,
         seq_len=seq_len,
         ridge=ridge,
+        objective=objective,
         force=force,
         progress=not quiet,
         log=_log if not quiet else (lambda m: None),

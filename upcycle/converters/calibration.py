@@ -109,9 +109,14 @@ ROUTER_LOGIT_STD = 1e-3
 
 
 def fit_linear_router(
-    x: np.ndarray, y: np.ndarray, ridge: float = 0.1, logit_std: float = ROUTER_LOGIT_STD
+    x: np.ndarray,
+    y: np.ndarray,
+    ridge: float = 0.1,
+    logit_std: float = ROUTER_LOGIT_STD,
+    log: bool = True,
 ) -> np.ndarray:
-    """Least-squares W (P, H) with x @ W.T ~ log(y) (MoEfication's activation-predicting router).
+    """Least-squares W (P, H) with x @ W.T ~ log(y) (MoEfication's activation-predicting router),
+    or ~ y itself with log=False (e.g. y an oracle's 0/1 choice per token and part).
 
     y holds positive sizes (each part's output norm per token), and what matters is their
     ranking within a token. A linear model fits their logarithm best: on the default model,
@@ -128,7 +133,7 @@ def fit_linear_router(
     G=64: 53.5 against 28.3 on 2048 tokens). Training then learns the scale.
     """
     x = x.astype(np.float64)
-    y = np.log(np.maximum(y.astype(np.float64), 1e-12))
+    y = np.log(np.maximum(y.astype(np.float64), 1e-12)) if log else y.astype(np.float64)
     gram = x.T @ x
     lam = ridge * np.trace(gram) / gram.shape[0]
     w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y).T  # (P, H)
