@@ -44,6 +44,8 @@ class ConvertOptions:
     router_std: float = 0.02
     expert_noise: float = 0.0
     expert_prompts: tuple[tuple[str, ...], ...] = ()
+    experts_from: tuple[str, ...] = ()  # btx: the models whose FFNs become the experts
+    weights: tuple[float, ...] = ()  # btx: averaging weights of those models (default uniform)
     granularity: int | None = None
     shared_experts: int = 0
     partition: str = "contiguous"
@@ -73,6 +75,7 @@ class Plan:
     options: ConvertOptions
     source_params: int
     method: Method = field(repr=False, default=None)
+    reader: Checkpoint = field(repr=False, default=None)  # what the conversion reads from
 
     @property
     def total_params(self) -> int:
@@ -271,9 +274,11 @@ def plan_conversion(
 
     `method` and `ckpt` replace the method named in opts and the plain reader of `source`
     (`upcycle merge` passes its adapter-folding method and a reader that adds LoRA deltas).
+    Without `ckpt`, a method with an `open_checkpoint(source)` supplies the reader (btx: SEED's
+    headers, tensors averaged over its models); the plan keeps it as `plan.reader`.
     """
     method = method or make_method(opts)
-    ckpt = ckpt or Checkpoint(source)
+    ckpt = ckpt or _open_reader(source, method)
     family = _family_of(ckpt)
     src_cfg = source_config(family.model_type, ckpt.config)
     num_layers = src_cfg["num_hidden_layers"]
@@ -358,7 +363,14 @@ def plan_conversion(
         options=opts,
         source_params=ckpt.num_params(),
         method=method,
+        reader=ckpt,
     )
+
+
+def _open_reader(source: str, method: Method) -> Checkpoint:
+    """The method's own reader where it has one (btx averages several models), else SEED's."""
+    open_checkpoint = getattr(method, "open_checkpoint", None)
+    return open_checkpoint(source) if open_checkpoint else Checkpoint(source)
 
 
 def _moe_shapes(
@@ -458,7 +470,7 @@ def convert(
     start = time.perf_counter()
     check_output_dir(out, force)
     plan = plan_conversion(source, opts, method=method, ckpt=ckpt)
-    ckpt = ckpt or Checkpoint(plan.source)
+    ckpt = plan.reader
     plan.method.prepare(plan.source, plan.moe_layers, log)
     from tqdm.auto import tqdm
 

@@ -35,11 +35,22 @@ def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
     return tuple(out)
 
 
+def _weights(value) -> tuple[float, ...]:
+    """--weights as "w1,w2,..." (or a YAML list) -> floats; validated against the models later."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return tuple(float(w) for w in items)
+    except ValueError:
+        raise OptionError(f"--weights: cannot read {value!r} (e.g. 0.5,0.25,0.25)") from None
+
+
 @cli.command()
 @click.argument("model")
 @click.argument("out")
 @config_option
-@click.option("--method", default="copy", show_default=True, help="copy or granular.")
+@click.option("--method", default="copy", show_default=True, help="copy, granular or btx.")
 @click.option(
     "--num-experts",
     "-E",
@@ -103,6 +114,16 @@ def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
     help="One per expert, for --router-init hidden: a prompt, or @FILE with one prompt per line.",
 )
 @click.option(
+    "--experts-from",
+    multiple=True,
+    help="btx: a dense model whose FFNs become one expert (repeat once per expert).",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="btx: averaging weights of the --experts-from models, e.g. 0.5,0.25,0.25 [uniform].",
+)
+@click.option(
     "--expert-noise",
     type=float,
     default=0.0,
@@ -137,14 +158,28 @@ def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
     help="Flush every file to disk before the final rename (power-cut safe, slower).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def convert(model, out, force, dry_run, fsync, quiet, expert_prompts, **options):
-    """Convert the dense MODEL into a Mixture-of-Experts checkpoint in OUT."""
+def convert(
+    model, out, force, dry_run, fsync, quiet, expert_prompts, experts_from, weights, **options
+):
+    """Convert the dense MODEL into a Mixture-of-Experts checkpoint in OUT.
+
+    With --method btx, MODEL is the seed (config, tokenizer, reference inventory) and the
+    experts come from the --experts-from models.
+    """
+    import os
+
     from upcycle.convert import ConvertOptions, plan_conversion
     from upcycle.convert import convert as run_convert
     from upcycle.io.default_model import resolve_model
     from upcycle.io.writer import check_output_dir
 
-    opts = ConvertOptions(expert_prompts=_prompts(expert_prompts), **options)
+    opts = ConvertOptions(
+        expert_prompts=_prompts(expert_prompts),
+        # absolute, since OUT/upcycle.json records them as the experts' provenance
+        experts_from=tuple(os.path.abspath(resolve_model(p, log=_log)) for p in experts_from),
+        weights=_weights(weights),
+        **options,
+    )
     source = resolve_model(model, log=_log)
     if dry_run:
         check_output_dir(out, force)

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import numpy as np
 
-from upcycle.converters import copy, granular  # noqa: F401  (register the methods)
+from upcycle.converters import btx, copy, granular  # noqa: F401  (register the methods)
 from upcycle.converters.base import METHODS, MethodInfo, MoELayer, MoELayout
 from upcycle.errors import OptionError
 
@@ -28,7 +28,9 @@ class Method(Protocol):
 # options that only some methods read: option -> (methods, default)
 _SPECIFIC = {
     "expert_noise": (("copy",), 0.0),
-    "expert_prompts": (("copy",), ()),
+    "expert_prompts": (("copy", "btx"), ()),
+    "experts_from": (("btx",), ()),
+    "weights": (("btx",), ()),
     "granularity": (("granular",), None),
     "shared_experts": (("granular",), 0),
     "partition": (("granular",), "contiguous"),
@@ -55,6 +57,17 @@ def make_method(opts) -> Method:
             router_init=opts.router_init,
             router_std=opts.router_std,
             expert_noise=opts.expert_noise,
+            seed=opts.seed,
+            expert_prompts=opts.expert_prompts,
+        )
+    elif opts.method == "btx":
+        method = btx.BTXMethod(
+            experts_from=opts.experts_from,
+            weights=opts.weights,
+            num_experts=opts.num_experts,
+            top_k=opts.top_k,
+            router_init=opts.router_init,
+            router_std=opts.router_std,
             seed=opts.seed,
             expert_prompts=opts.expert_prompts,
         )
