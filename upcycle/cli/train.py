@@ -74,7 +74,8 @@ def _log(msg: str) -> None:
 @click.option(
     "--trim-memory",
     is_flag=True,
-    help="CPU: give freed heap memory back to the system during steps (lower peak RSS, slower).",
+    help="CPU: give freed heap memory back to the system whenever it has grown by 512 MB "
+    "(lower peak RSS).",
 )
 @click.option("--load-in-4bit", is_flag=True, help="4-bit base (CUDA, bitsandbytes).")
 @click.option("--load-in-8bit", is_flag=True, help="8-bit base (CUDA, bitsandbytes).")

@@ -10,10 +10,12 @@ after every layer), so the peak RSS was 870 MB above what tensors ever used.
 
 `HeapTrimmer` (`upcycle train --trim-memory`) returns those pages: hooked on every decoder
 layer's attention (which runs in the forward pass and again in each checkpoint recompute), it
-calls `malloc_trim(0)` whenever resident memory has grown by 128 MB since the last trim. It
-is off by default because freed pages are faulted in again when reused: measured here, peak
-RSS 2.6 GB -> 1.8 GB for a step 8% slower at 1 thread (docs/benchmarks.md); page faults are
-unusually expensive on this sandboxed machine, so bare-metal machines may pay less.
+calls `malloc_trim(0)` whenever resident memory has grown by 512 MB since the last trim.
+Freed pages are faulted in again when reused, so each trim costs time: measured here at 1
+thread (docs/benchmarks.md), a 128 MB limit gave 1.8 GB peak RSS for a step about 5% slower
+than untrimmed (2.6-2.7 GB), 512 MB gave 2.1-2.2 GB at no measurable cost (a few trims per
+step instead of about ten). Page faults are unusually expensive on this sandboxed machine, so
+bare-metal machines pay less. It stays opt-in: it needs glibc and helps only on CPU.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class HeapTrimmer:
     """Call `malloc_trim(0)` whenever resident memory has grown by `limit_bytes` since the
     last trim (glibc keeps no count of free bytes that are still resident)."""
 
-    def __init__(self, limit_bytes: int = 128 << 20):
+    def __init__(self, limit_bytes: int = 512 << 20):
         self.libc = _libc()
         self.limit = limit_bytes
         self.trims = 0
