@@ -90,6 +90,32 @@ def _expert_block(offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     return e, start + (pid - first_block) * BLOCK_M, end
 
 
+@triton.jit
+def _rows_times_w(
+    a_ptr, src, row_ok, stride_am, stride_ak, w_base, cols, col_ok, stride_wk, stride_wn, K,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """fp32 (BLOCK_M, BLOCK_N) tile of A[src] @ W: rows `src` of A read through the index (no
+    gathered copy), W one expert's (K, N) view given by its strides, K in BLOCK_K steps."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(
+            a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    return acc
+
+
 @triton.autotune(configs=_GATE_UP_CONFIGS, key=["N", "K"])
 @triton.jit
 def _gate_up_kernel(
@@ -163,21 +189,10 @@ def _grouped_mm_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w_base = w_ptr + e.to(tl.int64) * stride_we
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(
-            a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak,
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    acc = _rows_times_w(
+        a_ptr, src, row_ok, stride_am, stride_ak, w_base, cols, col_ok, stride_wk, stride_wn, K,
+        DOT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
     acc = acc * alpha
     if SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -215,21 +230,11 @@ def _swiglu_bwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w_base = w_ptr + e.to(tl.int64) * stride_we
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # dy[token] @ W_e, unweighted
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(
-            dy_ptr + src[:, None] * stride_ym + ks[None, :] * stride_yk,
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    # dy[token] @ W_e, unweighted
+    acc = _rows_times_w(
+        dy_ptr, src, row_ok, stride_ym, stride_yk, w_base, cols, col_ok, stride_wk, stride_wn, K,
+        DOT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
     mask = row_ok[:, None] & col_ok[None, :]
     g_off = rows[:, None] * stride_gm + cols[None, :] * stride_gn
     g = tl.load(gu_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
