@@ -287,7 +287,7 @@ class ExpertsLora(_TunerLayer):
             top_k_index,
             self.mixlora_experts[name].pairs(hidden_states.dtype),
             self.scaling[name],
-            dropout=self.mixlora_dropout[name],
+            dropout_p=getattr(self.mixlora_dropout[name], "p", 0.0) if self.training else 0.0,
         )
 
 

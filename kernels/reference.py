@@ -149,21 +149,29 @@ def routed_experts_lora(
     lora: dict[str, LoraPair],
     scaling: float,
     *,
-    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """An MoE layer with separate frozen experts plus per-expert LoRA deltas.
 
     gate_up_w (E, 2I, H) and down_w (E, H, I) in transformers' fused layout; lora "gate_up"
     (A (E, r, H), B (E, 2I, r)) and "down" (A (E, r, I), B (E, H, r)), either optional.
+    Dropout with probability `dropout_p` (0 in eval mode) applies to the LoRA inputs only.
     Tokens are sorted by expert once; each expert's base GEMMs and LoRA run on its segment.
+    SiLU experts run through the fused Function of `upcycle.kernels.experts` (no weight
+    gradients for frozen experts, workspace temporaries); other activations through autograd.
     """
-    drop = dropout or (lambda t: t)
+    from upcycle.kernels.experts import is_silu, sorted_swiglu_experts
+
+    if is_silu(act):
+        return sorted_swiglu_experts(
+            x, weights, experts, gate_up_w, down_w, lora, scaling, dropout_p
+        )
     num_experts = gate_up_w.shape[0]
     order, tokens, counts = sort_by_expert(experts, num_experts)
     w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
     lora = {role: (a, b * scaling) for role, (a, b) in lora.items()}
     xs = x[tokens]
-    xd = drop(x)[tokens] if "gate_up" in lora else xs
+    xd = fast_dropout(x, dropout_p)[tokens] if "gate_up" in lora else xs
     outs = []
     start = 0
     for e, n in enumerate(counts):
@@ -177,7 +185,7 @@ def routed_experts_lora(
         y = F.linear(h, down_w[e])
         if "down" in lora:
             a, b = lora["down"]
-            y = y + (drop(h) @ a[e].t()) @ b[e].t()
+            y = y + (fast_dropout(h, dropout_p) @ a[e].t()) @ b[e].t()
         outs.append(y)
         start += n
     ys = torch.cat(outs) * w
