@@ -91,6 +91,15 @@ def _expert_block(offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _tile(row0, end, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's sorted rows [row0, row0 + BLOCK_M) (int64: row * stride may pass 2^31)
+    and output columns (block program_id(1)), with their masks against `end` and N."""
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < end, cols, cols < N
+
+
+@triton.jit
 def _rows_times_w(
     a_ptr, src, row_ok, stride_am, stride_ak, w_base, cols, col_ok, stride_wk, stride_wn, K,
     DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -131,11 +140,8 @@ def _gate_up_kernel(
     e, row0, end = _expert_block(offsets_ptr, E, BLOCK_M, BLOCK_E)
     if row0 >= end:
         return
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: row * stride may pass 2^31
-    row_ok = rows < end
+    rows, row_ok, cols, col_ok = _tile(row0, end, N, BLOCK_M, BLOCK_N)
     src = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
     w_base = w_ptr + e.to(tl.int64) * stride_we
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -180,14 +186,11 @@ def _grouped_mm_kernel(
     e, row0, end = _expert_block(offsets_ptr, E, BLOCK_M, BLOCK_E)
     if row0 >= end:
         return
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: row * stride may pass 2^31
-    row_ok = rows < end
+    rows, row_ok, cols, col_ok = _tile(row0, end, N, BLOCK_M, BLOCK_N)
     if GATHER:
         src = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     else:
         src = rows
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
     w_base = w_ptr + e.to(tl.int64) * stride_we
     acc = _rows_times_w(
         a_ptr, src, row_ok, stride_am, stride_ak, w_base, cols, col_ok, stride_wk, stride_wn, K,
@@ -223,12 +226,8 @@ def _swiglu_bwd_kernel(
     e, row0, end = _expert_block(offsets_ptr, E, BLOCK_M, BLOCK_E)
     if row0 >= end:
         return
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: row * stride may pass 2^31
-    row_ok = rows < end
+    rows, row_ok, cols, col_ok = _tile(row0, end, N, BLOCK_M, BLOCK_N)
     src = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
     w_base = w_ptr + e.to(tl.int64) * stride_we
     # dy[token] @ W_e, unweighted
     acc = _rows_times_w(
@@ -243,7 +242,7 @@ def _swiglu_bwd_kernel(
     silu = g * sig
     h = silu * u
     # d loss / d routing weight = <dy, expert output> = <dy @ W_e, h>, summed over I blocks later
-    tl.store(part_ptr + pid_n * TK + rows, tl.sum(acc * h, 1), mask=row_ok)
+    tl.store(part_ptr + tl.program_id(1) * TK + rows, tl.sum(acc * h, 1), mask=row_ok)
     dh = acc * tl.load(weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if HAS_EXTRA:
         x_off = rows[:, None] * stride_xm + cols[None, :] * stride_xn
