@@ -51,7 +51,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from upcycle.kernels.fused import _buffer
+from upcycle.kernels.fused import _buffer, _none_if_empty
 from upcycle.kernels.reference import dropped_positions, sort_by_expert, zero_at
 
 NAME = "upcycle"
@@ -245,10 +245,6 @@ def _shift(rows: slice, span: slice) -> slice:
     return slice(rows.start - span.start, rows.stop - span.start)
 
 
-def _none(t: torch.Tensor) -> torch.Tensor | None:
-    return t if t.numel() else None
-
-
 class SortedSwiGLU(torch.autograd.Function):
     """y[t] = sum_k w[t,k] * FFN_{ids[t,k]}(x[t]), SwiGLU experts with optional LoRA deltas.
 
@@ -272,7 +268,7 @@ class SortedSwiGLU(torch.autograd.Function):
         order, tokens, counts = sort_by_expert(ids.clamp(max=E), E + 1)
         counts, valid = counts[:E], sum(counts[:E])
         ws = weights.reshape(-1)[order].to(cd)
-        a1, b1, a2, b2 = (_none(t) for t in (a1, b1, a2, b2))
+        a1, b1, a2, b2 = (_none_if_empty(t) for t in (a1, b1, a2, b2))
         scale = scaling / (1.0 - p)  # LoRA and dropout scales, applied to rank-r rows
         xs = _gather(x, tokens, "moe_xs", cd)
         like = xs[:0]
@@ -320,7 +316,7 @@ class SortedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, w1, w2, gu, ws, order, tokens, *rest = ctx.saved_tensors
-        a1, b1, a2, b2, low1, low2, drop_x, drop_h = (_none(t) for t in rest)
+        a1, b1, a2, b2, low1, low2, drop_x, drop_h = (_none_if_empty(t) for t in rest)
         need_x, need_w, need_w1, need_w2 = (ctx.needs_input_grad[i] for i in (0, 1, 3, 4))
         counts, scale = ctx.counts, ctx.scale
         cd, inter, valid, most = gu.dtype, w2.shape[2], gu.shape[0], ctx.most
