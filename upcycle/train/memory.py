@@ -62,7 +62,9 @@ class HeapTrimmer:
     def maybe_trim(self, *_args) -> None:
         if self.libc is None:
             return
-        if self.resident_bytes() - self.baseline > self.limit:
+        resident = self.resident_bytes()
+        self.baseline = min(self.baseline, resident)  # memory given back by other means
+        if resident - self.baseline > self.limit:
             self.libc.malloc_trim(0)
             self.trims += 1
             self.baseline = self.resident_bytes()
