@@ -41,6 +41,8 @@ def write_metadata(plan, folder: str) -> None:
         src = os.path.join(plan.source, name)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, name))
+    for src in plan.code_files:  # custom architectures: loaded with trust_remote_code=True
+        shutil.copyfile(src, os.path.join(folder, os.path.basename(src)))
     provenance = {
         "upcycle_version": __version__,
         "method": plan.options.method,

@@ -20,7 +20,7 @@ import numpy as np
 from upcycle.arch.config import source_config, target_config
 from upcycle.arch.families import FAMILIES, MOE_FAMILIES, DenseFamily, supported_families
 from upcycle.arch.shapes import expected_shapes
-from upcycle.arch.targets import TARGETS, MoETarget
+from upcycle.arch.targets import CUSTOM_TARGETS, TARGETS, MoETarget
 from upcycle.card import human_count, write_metadata
 from upcycle.converters import Method, make_method
 from upcycle.converters.base import MoELayer, MoELayout
@@ -46,6 +46,8 @@ class ConvertOptions:
     expert_prompts: tuple[tuple[str, ...], ...] = ()
     experts_from: tuple[str, ...] = ()  # btx: the models whose FFNs become the experts
     weights: tuple[float, ...] = ()  # btx: averaging weights of those models (default uniform)
+    attention_experts: str = "full"  # bam: full or shared-kv
+    parallel_attention: bool = False  # bam: attention and FFN read the same input
     granularity: int | None = None
     shared_experts: int = 0
     partition: str = "contiguous"
@@ -76,6 +78,7 @@ class Plan:
     source_params: int
     method: Method = field(repr=False, default=None)
     reader: Checkpoint = field(repr=False, default=None)  # what the conversion reads from
+    code_files: list[str] = field(default_factory=list)  # modeling code copied next to the weights
 
     @property
     def total_params(self) -> int:
@@ -283,10 +286,7 @@ def plan_conversion(
     src_cfg = source_config(family.model_type, ckpt.config)
     num_layers = src_cfg["num_hidden_layers"]
     layers = _check_inventory(ckpt, family, src_cfg)
-    target_name = opts.target or family.target
-    if target_name not in TARGETS:
-        raise OptionError(f"unknown --target {target_name!r}; choose from {', '.join(TARGETS)}")
-    target = TARGETS[target_name]
+    target = _target(opts, method, family)
     zero_fill = _check_target(family, target, layers, src_cfg)
     moe_layers = parse_layers(opts.moe_layers, num_layers)
     if target.dense_mlp is None and len(moe_layers) != num_layers:
@@ -347,7 +347,7 @@ def plan_conversion(
     entries.append((family.final_norm, dtype, ckpt.shape(family.final_norm)))
     if family.lm_head in ckpt and not src_cfg.get("tie_word_embeddings"):
         entries.append((family.lm_head, dtype, ckpt.shape(family.lm_head)))
-    return Plan(
+    plan = Plan(
         source=ckpt.path,
         family=family,
         target=target,
@@ -365,6 +365,25 @@ def plan_conversion(
         method=method,
         reader=ckpt,
     )
+    adapt_plan = getattr(method, "adapt_plan", None)  # bam: attention experts, its own config
+    if adapt_plan:
+        adapt_plan(plan)
+    return plan
+
+
+def _target(opts: ConvertOptions, method: Method, family: DenseFamily) -> MoETarget:
+    """--target, the family's default, or the architecture a method always writes (bam)."""
+    own = getattr(method, "target", None)
+    if own:
+        if opts.target and opts.target != own:
+            raise OptionError(
+                f"--method {opts.method} writes its own architecture ({own}); drop --target"
+            )
+        return CUSTOM_TARGETS[own]
+    name = opts.target or family.target
+    if name not in TARGETS:
+        raise OptionError(f"unknown --target {name!r}; choose from {', '.join(TARGETS)}")
+    return TARGETS[name]
 
 
 def _open_reader(source: str, method: Method) -> Checkpoint:
@@ -388,8 +407,13 @@ def _moe_shapes(
     if not moe:
         return ffn(target.dense_mlp, inter)
     out = [(prefix + target.router, (layout.num_experts, hidden))]
-    for e in range(layout.num_experts):
-        out += ffn(target.expert.replace("{e}", str(e)), layout.expert_width)
+    E, width = layout.num_experts, layout.expert_width
+    if target.fused:
+        gate_up, down = target.fused
+        out += [(prefix + gate_up, (E, 2 * width, hidden)), (prefix + down, (E, hidden, width))]
+    else:
+        for e in range(E):
+            out += ffn(target.expert.replace("{e}", str(e)), width)
     if target.shared:
         out += ffn(target.shared, layout.shared_width)
         out.append((prefix + target.shared_gate, (1, hidden)))
@@ -415,9 +439,16 @@ def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, np.ndarray
         return out
     layer: MoELayer = plan.method.layer(i, ffn, dtype)
     out[prefix + tgt.router] = cast(layer.router, "F32", dtype)
-    for e, expert in enumerate(layer.experts):
-        for role, t in expert.items():
-            out[prefix + tgt.expert_name(e, role)] = t
+    if tgt.fused:
+        gate_up, down = tgt.fused
+        out[prefix + gate_up] = np.stack(
+            [np.concatenate([x["gate"], x["up"]]) for x in layer.experts]
+        )
+        out[prefix + down] = np.stack([x["down"] for x in layer.experts])
+    else:
+        for e, expert in enumerate(layer.experts):
+            for role, t in expert.items():
+                out[prefix + tgt.expert_name(e, role)] = t
     if tgt.shared:
         hidden = ffn["down"].shape[0]
         empty = np.zeros((0, hidden), STORAGE[dtype])
@@ -428,7 +459,8 @@ def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, np.ndarray
         for role, t in shared.items():
             out[prefix + tgt.shared.format(p=tgt.proj[role])] = t
         out[prefix + tgt.shared_gate] = np.zeros((1, hidden), STORAGE[dtype])
-    return out
+    finish_layer = getattr(plan.method, "finish_layer", None)  # bam: attention experts
+    return finish_layer(i, prefix, out, dtype) if finish_layer else out
 
 
 @dataclass

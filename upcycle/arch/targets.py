@@ -34,8 +34,11 @@ class MoETarget:
     shared_width_key: str | None = None
     fixed: tuple[tuple[str, object], ...] = ()  # config values this target always gets
     same_sliding_window: tuple[str, ...] = ()  # source families whose sliding window it reproduces
+    fused: tuple[str, str] | None = None  # experts stored fused: gate_up (E, 2I, H), down (E, H, I)
 
     def expert_name(self, e: int, role: str) -> str:
+        if self.fused:
+            raise ValueError(f"{self.model_type} stores its experts fused, not one by one")
         return self.expert.format(e=e, p=self.proj[role])
 
 
@@ -106,4 +109,24 @@ TARGETS: dict[str, MoETarget] = {
             same_sliding_window=("qwen2", "qwen3"),
         ),
     ]
+}
+
+# Architectures of upcycle's own (upcycle/modeling/), written only by the methods that need
+# them: their names are not --target choices.
+CUSTOM_TARGETS: dict[str, MoETarget] = {
+    "upcycle_bam": MoETarget(
+        "upcycle_bam",
+        "UpcycleBamForCausalLM",
+        router="mlp.gate.weight",
+        expert="",
+        proj={"gate": "gate", "up": "up", "down": "down"},
+        experts_keys=("num_local_experts",),
+        expert_width_key="intermediate_size",
+        attention=_QKVO + _NORMS,
+        attention_optional=_QKV_BIAS,
+        carry=("sliding_window",),
+        fixed=(("router_jitter_noise", 0.0),),
+        same_sliding_window=("llama", "mistral"),
+        fused=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    ),
 }

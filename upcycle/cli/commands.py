@@ -50,7 +50,7 @@ def _weights(value) -> tuple[float, ...]:
 @click.argument("model")
 @click.argument("out")
 @config_option
-@click.option("--method", default="copy", show_default=True, help="copy, granular or btx.")
+@click.option("--method", default="copy", show_default=True, help="copy, granular, btx or bam.")
 @click.option(
     "--num-experts",
     "-E",
@@ -116,12 +116,24 @@ def _weights(value) -> tuple[float, ...]:
 @click.option(
     "--experts-from",
     multiple=True,
-    help="btx: a dense model whose FFNs become one expert (repeat once per expert).",
+    help="btx, bam: a dense model whose FFN (bam: and attention) becomes one expert "
+    "(repeat once per expert).",
 )
 @click.option(
     "--weights",
     default=None,
-    help="btx: averaging weights of the --experts-from models, e.g. 0.5,0.25,0.25 [uniform].",
+    help="btx, bam: averaging weights of the --experts-from models, e.g. 0.5,0.25,0.25 [uniform].",
+)
+@click.option(
+    "--attention-experts",
+    default="full",
+    show_default=True,
+    help="bam: full (own q, k, v, o per expert) or shared-kv (own q, o; k, v averaged).",
+)
+@click.option(
+    "--parallel-attention",
+    is_flag=True,
+    help="bam: attention and FFN read the same input (changes a sequential model's function).",
 )
 @click.option(
     "--expert-noise",
@@ -163,8 +175,8 @@ def convert(
 ):
     """Convert the dense MODEL into a Mixture-of-Experts checkpoint in OUT.
 
-    With --method btx, MODEL is the seed (config, tokenizer, reference inventory) and the
-    experts come from the --experts-from models.
+    With --method btx or bam, MODEL is the seed (config, tokenizer, reference inventory) and
+    the experts come from the --experts-from models.
     """
     import os
 

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import numpy as np
 
-from upcycle.converters import btx, copy, granular  # noqa: F401  (register the methods)
+from upcycle.converters import bam, btx, copy, granular  # noqa: F401  (register the methods)
 from upcycle.converters.base import METHODS, MethodInfo, MoELayer, MoELayout
 from upcycle.errors import OptionError
 
@@ -28,9 +28,11 @@ class Method(Protocol):
 # options that only some methods read: option -> (methods, default)
 _SPECIFIC = {
     "expert_noise": (("copy",), 0.0),
-    "expert_prompts": (("copy", "btx"), ()),
-    "experts_from": (("btx",), ()),
-    "weights": (("btx",), ()),
+    "expert_prompts": (("copy", "btx", "bam"), ()),
+    "experts_from": (("btx", "bam"), ()),
+    "weights": (("btx", "bam"), ()),
+    "attention_experts": (("bam",), "full"),
+    "parallel_attention": (("bam",), False),
     "granularity": (("granular",), None),
     "shared_experts": (("granular",), 0),
     "partition": (("granular",), "contiguous"),
@@ -60,8 +62,8 @@ def make_method(opts) -> Method:
             seed=opts.seed,
             expert_prompts=opts.expert_prompts,
         )
-    elif opts.method == "btx":
-        method = btx.BTXMethod(
+    elif opts.method in ("btx", "bam"):
+        several = dict(
             experts_from=opts.experts_from,
             weights=opts.weights,
             num_experts=opts.num_experts,
@@ -71,6 +73,14 @@ def make_method(opts) -> Method:
             seed=opts.seed,
             expert_prompts=opts.expert_prompts,
         )
+        if opts.method == "btx":
+            method = btx.BTXMethod(**several)
+        else:
+            method = bam.BAMMethod(
+                attention_experts=opts.attention_experts,
+                parallel_attention=opts.parallel_attention,
+                **several,
+            )
     else:
         if opts.granularity is None:
             raise OptionError("--method granular needs --granularity")

@@ -75,6 +75,7 @@ class AveragedCheckpoint(Checkpoint):
         w = np.asarray(weights or [1.0] * len(models), dtype=np.float64)
         self.weights = (w / w.sum()).astype(np.float32)  # (N,), sums to 1
         self._held: dict[str, list[np.ndarray]] = {}
+        self._kept: dict[str, list[np.ndarray] | None] = {}  # name -> arrays, see keep_members
         self._ffn_names = self._family_ffn_names()
         self._ffn_set = {n for roles in self._ffn_names.values() for n in roles.values()}
 
@@ -123,7 +124,9 @@ class AveragedCheckpoint(Checkpoint):
     def get(self, name: str, dtype: str | None = None) -> np.ndarray:
         """The weighted average over the models, cast to `dtype` (default: SEED's storage)."""
         arrays = self._held.get(name) or self._read(name)
-        if name in self._ffn_set:
+        if name in self._kept:
+            self._kept[name] = arrays
+        elif name in self._ffn_set:
             self._held[name] = arrays  # the method takes them as experts next
         else:
             self._held.clear()  # a new layer began: drop experts no method took (dense layers)
@@ -133,6 +136,19 @@ class AveragedCheckpoint(Checkpoint):
         for w, a, d in zip(self.weights[1:], arrays[1:], dtypes[1:], strict=True):
             total += w * (to_float32(a, d) - ref)  # x_0 + sum_e w_e (x_e - x_0): exact if equal
         return cast(total, "F32", dtype or self.infos[name].dtype)
+
+    def keep_members(self, names) -> None:
+        """Keep each model's copy of these tensors when read, until `members` takes them."""
+        self._kept.update(dict.fromkeys(names))
+
+    def members(self, name: str, dtype: str) -> list[np.ndarray]:
+        """Each model's `name` stored as `dtype` (read again unless kept from `get`)."""
+        arrays = self._kept.get(name) or self._read(name)
+        if name in self._kept:
+            self._kept[name] = None
+        return [
+            cast(a, m.infos[name].dtype, dtype) for m, a in zip(self.models, arrays, strict=True)
+        ]
 
     def member_ffn(self, layer: int, dtype: str) -> list[dict[str, np.ndarray]]:
         """Each model's FFN of `layer` as {"gate", "up", "down"} arrays stored as `dtype`."""
@@ -176,13 +192,13 @@ class BTXMethod:
         n = len(self.experts_from)
         if n < 2:
             raise OptionError(
-                f"--method btx needs at least 2 --experts-from models, got {n}"
+                f"--method {self.info.name} needs at least 2 --experts-from models, got {n}"
                 + (" (list SEED too if it should be an expert)" if n == 1 else "")
             )
         if self.num_experts != n:
             raise OptionError(
-                f"--num-experts must equal the number of --experts-from models ({n}) for btx, "
-                f"got {self.num_experts}"
+                f"--num-experts must equal the number of --experts-from models ({n}) for "
+                f"{self.info.name}, got {self.num_experts}"
             )
         if not 1 <= self.top_k <= n:
             raise OptionError(f"--top-k must be between 1 and {n} (the models), got {self.top_k}")

@@ -9,9 +9,11 @@ from upcycle.converters.base import layer_rng
 ROUTER_INITS = ("random", "zeros", "hidden")
 
 
-def random_router(num_experts: int, hidden: int, std: float, seed: int, layer: int) -> np.ndarray:
-    """N(0, std^2) rows (AquilaMoE uses std 0.02)."""
-    rng = layer_rng(seed, layer, salt=1)
+def random_router(
+    num_experts: int, hidden: int, std: float, seed: int, layer: int, salt: int = 1
+) -> np.ndarray:
+    """N(0, std^2) rows (AquilaMoE uses std 0.02); `salt` tells apart routers of one layer."""
+    rng = layer_rng(seed, layer, salt=salt)
     return (rng.standard_normal((num_experts, hidden), dtype=np.float32) * np.float32(std)).astype(
         np.float32
     )
