@@ -1,10 +1,12 @@
-"""Fold a trained adapter into a standalone checkpoint that stock transformers loads.
+"""Fold a training run into a standalone checkpoint that stock transformers loads.
 
     MixLoRA run   -> stock MoE (mixtral for llama/mistral, qwen2_moe/qwen3_moe for qwen):
                      expert e = base FFN (or its slice) + expert e's LoRA deltas,
                      router   = the adapter's router (same softmax -> top-k -> renormalize),
                      attention LoRA added into the base projections.
     LoRA run      -> the merged dense model (W + (alpha/r) B A), same architecture.
+    full run      -> the trained model (its saved weights, the base's tokenizer files).
+    router run    -> the base with the trained routers in place of its own.
 
 Weights stream one decoder layer at a time through the converter's writer, so memory stays
 at about one layer whatever the model size; the output folder appears only when complete.
@@ -24,10 +26,12 @@ from upcycle.converters.base import MethodInfo, MoELayer, MoELayout
 from upcycle.errors import InputError, UnsupportedError
 from upcycle.io.arrays import cast, to_float32
 from upcycle.io.checkpoint import Checkpoint
+from upcycle.train.options import WEIGHT_MODES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAIN_RECORD = "upcycle_train.json"  # written by `upcycle train` next to the adapter files
+ROUTER_WEIGHTS = "routers.safetensors"  # `upcycle train --adapter router` (upcycle.train.modes)
 _PEFT_PREFIX = "base_model.model."
 _ROLES = ("gate", "up", "down")
 
@@ -301,6 +305,27 @@ def merge(
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     check_output_dir(out, force)
+    record = weights_run(run)
+    if record is not None:  # --adapter full or router: trained weights, no adapter
+        return merge_weights(
+            run,
+            record,
+            out,
+            base=base,
+            target=target,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            force=force,
+            progress=progress,
+            log=log,
+        )
+    if not os.path.isfile(os.path.join(run, ADAPTER_CONFIG)) and os.path.isdir(
+        os.path.join(run, "checkpoints")
+    ):
+        raise InputError(
+            f"{run}: the run has not finished (nothing at its root); "
+            f"merge one of {os.path.join(run, 'checkpoints')}/step-N"
+        )
     adapter = Adapter(run)
     base_dir = _resolve_base(adapter, base, log)
     if adapter.kind == "MIXLORA" and adapter.config.get("mode") == "experts":
@@ -346,6 +371,119 @@ def merge(
     return convert(
         base_dir, out, opts, force=force, progress=progress, log=log, method=method, ckpt=ckpt
     )
+
+
+def weights_run(path: str) -> dict | None:
+    """The training record of an `upcycle train --adapter full|router` folder (its root's
+    upcycle_train.json or a checkpoint's trainer_state.json), else None."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        return None
+    for name in (TRAIN_RECORD, "trainer_state.json"):
+        record_path = os.path.join(path, name)
+        if not os.path.isfile(record_path):
+            continue
+        try:
+            with open(record_path) as f:
+                record = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{record_path}: not valid JSON") from None
+        options = record.get("options") if isinstance(record, dict) else None
+        if isinstance(options, dict) and options.get("adapter") in WEIGHT_MODES:
+            return record
+    return None
+
+
+def merge_weights(
+    run: str,
+    record: dict,
+    out: str,
+    *,
+    base: str | None,
+    target: str | None,
+    dtype: str,
+    max_shard_size: str,
+    force: bool,
+    progress: bool,
+    log,
+):
+    """A full run: its model, written standalone with the base's tokenizer. A router run: the
+    base with its routers replaced by the trained ones (every other tensor copied as is)."""
+    from upcycle import __version__
+    from upcycle.io.default_model import resolve_model
+
+    kind = record["options"]["adapter"]
+    if target:
+        raise UnsupportedError(
+            f"--target applies to MixLoRA runs; a {kind} run keeps its base's architecture"
+        )
+    base_dir = resolve_model(base or record.get("base") or "", log=log)
+    if not base_dir or not os.path.isdir(base_dir):
+        if kind == "router":
+            raise InputError(
+                f"base model {base_dir or '?'} (named by the run) not found; "
+                "pass --base with its folder"
+            )
+        log(f"note: base model {base_dir or '?'} not found; no tokenizer files copied (--base)")
+        base_dir = None
+    if kind == "full":
+        ckpt = Checkpoint(run)
+        if base_dir is not None:
+            base_cfg = Checkpoint(base_dir).config
+            for key in ("model_type", "vocab_size"):
+                if base_cfg.get(key) != ckpt.config.get(key):
+                    raise InputError(
+                        f"{run} was trained on another base model than {base_dir} "
+                        f"({key} {ckpt.config.get(key)!r} vs {base_cfg.get(key)!r}); pass --base"
+                    )
+    else:
+        ckpt = PatchedCheckpoint(base_dir, {}, _router_tensors(run))
+        want = record.get("base_fingerprint")
+        embed = _embed_name(ckpt)
+        if want and embed:
+            from upcycle.adapters.fingerprint import checkpoint_fingerprint
+
+            if checkpoint_fingerprint(ckpt, embed) != want:
+                raise InputError(
+                    f"{run} was trained on another base model than {base_dir} "
+                    "(fingerprints differ); pass --base with the model it was trained on"
+                )
+    provenance = {
+        "upcycle_version": __version__,
+        "method": f"{kind}-finetune",
+        "source": {"path": base_dir},
+        "run": os.path.abspath(run),
+        "step": record.get("steps", record.get("step")),
+        "train_options": record["options"],
+        "base_fingerprint": record.get("base_fingerprint"),
+    }
+    if kind == "router":
+        provenance["replaced"] = sorted(ckpt.replace)
+    return write_standalone(
+        ckpt,
+        out,
+        provenance,
+        aux_dir=base_dir,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        force=force,
+        progress=progress,
+    )
+
+
+def _router_tensors(run: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(run, ROUTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise InputError(f"{run}: no {ROUTER_WEIGHTS} (an incomplete router run?)")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+    if not tensors:
+        raise InputError(f"{path}: holds no router tensor")
+    return {k: t.float().numpy() for k, t in tensors.items()}
 
 
 def _embed_name(ckpt) -> str | None:
@@ -409,15 +547,50 @@ def merge_dense(
     progress: bool,
 ):
     """Write the base with LoRA deltas added: same architecture, names and config."""
+    from upcycle import __version__
+
+    provenance = {
+        "upcycle_version": __version__,
+        "method": "experts-lora-merge" if adapter.kind == "MIXLORA" else "lora-merge",
+        "source": {"path": ckpt.path},
+        "adapter": adapter.path,
+        "adapter_config": adapter.config,
+    }
+    return write_standalone(
+        ckpt,
+        out,
+        provenance,
+        aux_dir=ckpt.path,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        force=force,
+        progress=progress,
+    )
+
+
+def write_standalone(
+    ckpt: Checkpoint,
+    out: str,
+    provenance: dict,
+    *,
+    aux_dir: str | None,
+    dtype: str,
+    max_shard_size: str,
+    force: bool,
+    progress: bool,
+):
+    """Stream every tensor of `ckpt` (patched or not) under its own name into `out`, with its
+    config (dtype updated), the tokenizer files of `aux_dir`, the custom code files next to
+    `ckpt` (config with auto_map) and `provenance` as upcycle.json; `out` appears when whole."""
     import shutil
 
     from tqdm.auto import tqdm
 
-    from upcycle import __version__
     from upcycle.card import AUX_FILES
     from upcycle.convert import Summary
     from upcycle.errors import OptionError
     from upcycle.io.arrays import CONFIG_NAMES, NAMES
+    from upcycle.io.models import code_files
     from upcycle.io.writer import ShardedWriter, atomic_output_dir, parse_size
 
     start = time.perf_counter()
@@ -452,22 +625,14 @@ def merge_dense(
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
-        for aux in AUX_FILES:
-            src = os.path.join(ckpt.path, aux)
+        for aux in AUX_FILES if aux_dir else ():
+            src = os.path.join(aux_dir, aux)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tmp, aux))
+        for src in code_files(ckpt.path):  # custom architectures: trust_remote_code=True
+            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
         with open(os.path.join(tmp, "upcycle.json"), "w") as f:
-            json.dump(
-                {
-                    "upcycle_version": __version__,
-                    "method": "experts-lora-merge" if adapter.kind == "MIXLORA" else "lora-merge",
-                    "source": {"path": ckpt.path},
-                    "adapter": adapter.path,
-                    "adapter_config": adapter.config,
-                },
-                f,
-                indent=2,
-            )
+            json.dump(provenance, f, indent=2)
             f.write("\n")
         size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
     total = sum(int(np.prod(s)) for _, _, s in entries)

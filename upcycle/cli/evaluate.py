@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 
 import click
 
@@ -124,18 +123,16 @@ def _check_model_dir(path: str, seq_len: int) -> dict:
 def _load_tokenizer(path: str):
     if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise InputError(f"{path}: no tokenizer files (tokenizer.json or tokenizer.model)")
-    from transformers import AutoTokenizer
+    from upcycle.io.models import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: cannot load the tokenizer ({_first_line(e)})") from None
+    return load_tokenizer(path)
 
 
 def _load_model(path: str, dtype: str, device: str, quiet: bool):
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from upcycle.io.models import load_causal_lm
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,22 +141,11 @@ def _load_model(path: str, dtype: str, device: str, quiet: bool):
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():  # zero-width shared experts (copy-upcycled qwen2_moe)
-            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
-            )
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise InputError(f"{path}: transformers cannot load it ({_first_line(e)})") from None
+        model = load_causal_lm(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
     return model.to(device)
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def format_report(r: dict) -> str:

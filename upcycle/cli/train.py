@@ -28,7 +28,8 @@ def _log(msg: str) -> None:
     "--adapter",
     default="mixlora",
     show_default=True,
-    help="mixlora (LoRA experts + router), lora (plain LoRA), experts-lora (LoRA on MoE experts).",
+    help="mixlora (LoRA experts + router), lora (plain LoRA), experts-lora (LoRA on MoE "
+    "experts), full (every weight), router (only an MoE's routers).",
 )
 @click.option("--num-experts", "-E", type=int, default=8, show_default=True, help="mixlora.")
 @click.option("--top-k", "-k", type=int, default=2, show_default=True, help="mixlora.")
@@ -88,11 +89,13 @@ def _log(msg: str) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train(model, out, quiet, **options):
-    """Fine-tune an adapter on MODEL with the text in --data; write the run to OUT.
+    """Fine-tune MODEL (an adapter, every weight or the routers) on --data; write the run to OUT.
 
-    The final adapter lands at the root of OUT (adapter_config.json,
-    adapter_model.safetensors: load it with peft after `import upcycle.adapters`), with
-    checkpoints under OUT/checkpoints/ and metrics in OUT/metrics.jsonl. Ctrl-C saves a
+    The final weights land at the root of OUT: an adapter (adapter_config.json,
+    adapter_model.safetensors: load it with peft after `import upcycle.adapters`), the whole
+    model (--adapter full) or routers.safetensors (--adapter router); `upcycle merge OUT DIR`
+    makes any of them a standalone checkpoint. Checkpoints go under OUT/checkpoints/ and
+    metrics in OUT/metrics.jsonl. Ctrl-C saves a
     checkpoint; --resume continues it. Several processes: `accelerate launch --multi_gpu
     --num_processes N -m upcycle train ...` (on CPU too).
     """
@@ -118,9 +121,7 @@ def train(model, out, quiet, **options):
 @click.argument("run")
 @click.argument("out")
 @config_option
-@click.option(
-    "--base", default=None, help="Base model folder (default: the one the adapter names)."
-)
+@click.option("--base", default=None, help="Base model folder (default: the one the run names).")
 @click.option(
     "--target", default=None, help="MoE architecture for MixLoRA runs (default: per family)."
 )
@@ -134,11 +135,12 @@ def train(model, out, quiet, **options):
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True)
 def merge(run, out, base, target, dtype, max_shard_size, force, quiet):
-    """Fold the adapter in RUN into a standalone checkpoint OUT that transformers loads.
+    """Fold the training run in RUN into a standalone checkpoint OUT that transformers loads.
 
     MixLoRA runs become a stock MoE (mixtral, qwen2_moe or qwen3_moe); LoRA runs become the
-    merged dense model. RUN is a folder with adapter_config.json (the root of `upcycle train`'s
-    output, or one of its checkpoints).
+    merged dense model; full runs are written as the trained model; router runs replace the
+    routers in a copy of the base. RUN is the root of `upcycle train`'s output, or one of its
+    checkpoints.
     """
     from upcycle.merge import merge as run_merge
 

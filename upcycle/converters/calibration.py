@@ -46,14 +46,12 @@ def load_for_calibration(model_dir: str):
     FP32_LIMIT_BYTES (the default model: 0.5 GB), else in the checkpoint's dtype, so a 7B model
     needs 14 GB in bf16 instead of 28 GB. Statistics are gathered in fp32 either way."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from upcycle.io.checkpoint import Checkpoint
+    from upcycle.io.models import load_causal_lm
 
     small = Checkpoint(model_dir).num_params() * 4 <= FP32_LIMIT_BYTES
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32 if small else "auto"
-    ).eval()
+    return load_causal_lm(model_dir, dtype=torch.float32 if small else "auto").eval()
 
 
 def collect_activations(

@@ -1,7 +1,10 @@
-"""Training checkpoints without pickle: adapter (peft format), optimizer and RNG in safetensors.
+"""Training checkpoints without pickle: weights, optimizer and RNG in safetensors.
 
     OUT/checkpoints/step-N/
-        adapter_config.json, adapter_model.safetensors   the adapter, loadable with peft
+        the weights, as the run's mode saves them (`upcycle.train.modes`):
+          adapter_config.json, adapter_model.safetensors   adapters, loadable with peft
+          config.json, model*.safetensors                  --adapter full: the whole model
+          routers.safetensors                              --adapter router: the routers
         optimizer.safetensors                            AdamW moments and step counts
         rng-R.safetensors                                each process's torch RNG state
         trainer_state.json                               step, scheduler, options, param groups
@@ -70,7 +73,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def save_checkpoint(acc, model, optimizer, scheduler, out: str, step: int, state: dict) -> str:
+def save_checkpoint(
+    acc, model, optimizer, scheduler, out: str, step: int, state: dict, mode
+) -> str:
     """Every process calls this; the main one writes the shared files and renames."""
     root = checkpoint_root(out)
     final = os.path.join(root, f"step-{step}")
@@ -81,7 +86,7 @@ def save_checkpoint(acc, model, optimizer, scheduler, out: str, step: int, state
     acc.wait_for_everyone()
     save_file(rng_state(), os.path.join(tmp, f"rng-{acc.process_index}.safetensors"))
     if acc.is_main_process:
-        acc.unwrap_model(model).save_pretrained(tmp)
+        mode.save(acc.unwrap_model(model), tmp)
         tensors, groups = optimizer_tensors(optimizer)
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, STATE), "w") as f:
@@ -101,21 +106,26 @@ def save_checkpoint(acc, model, optimizer, scheduler, out: str, step: int, state
     return final
 
 
-def load_checkpoint(acc, model, optimizer, scheduler, path: str) -> dict:
-    """Restore adapter weights, optimizer, scheduler and this process's RNG; returns the state."""
-    from peft import set_peft_model_state_dict
-
+def read_state(path: str) -> dict:
+    """A checkpoint's trainer_state.json (one-line error when it is missing or damaged)."""
     try:
         with open(os.path.join(path, STATE)) as f:
             state = json.load(f)
-        weights = load_file(os.path.join(path, "adapter_model.safetensors"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not a complete checkpoint ({e})") from None
-    result = set_peft_model_state_dict(acc.unwrap_model(model), weights)
-    missing = [k for k in result.missing_keys if "lora" in k]
-    if missing:
-        raise InputError(f"{path}: checkpoint lacks adapter tensor {missing[0]}")
-    load_optimizer(optimizer, path, state["param_groups"])
+    if not isinstance(state, dict) or "step" not in state:
+        raise InputError(f"{path}: not a complete checkpoint (no step in {STATE})")
+    return state
+
+
+def load_checkpoint(acc, model, optimizer, scheduler, path: str, mode) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG; returns the state."""
+    state = read_state(path)
+    mode.load(acc.unwrap_model(model), path)
+    try:
+        load_optimizer(optimizer, path, state["param_groups"])
+    except (OSError, KeyError, ValueError) as e:
+        raise InputError(f"{path}: the optimizer state does not fit this run ({e})") from None
     scheduler.load_state_dict(state["scheduler"])
     rng = os.path.join(path, f"rng-{acc.process_index}.safetensors")
     if os.path.isfile(rng):

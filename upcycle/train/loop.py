@@ -7,7 +7,7 @@ The loss of a step is the token-mean over its whole global batch: every process 
 token-loss sum by the global count of trained tokens (known to all processes, since each holds
 the data), and DDP's gradient average over processes restores the sum. So one process with
 batch 4 and two with batch 2 take the same steps, and resuming from a checkpoint (which
-restores adapter, optimizer, scheduler and every process's RNG) continues the same curve.
+restores weights, optimizer, scheduler and every process's RNG) continues the same curve.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,15 +26,26 @@ import torch
 
 from upcycle.errors import InputError, OptionError, OutputError, UnsupportedError, UpcycleError
 from upcycle.kernels.fused import release_workspace
-from upcycle.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from upcycle.train.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from upcycle.train.data import IGNORE, Blocks, build_blocks, split_records
 from upcycle.train.loss import chunked_head, hidden_instead_of_logits, linear_cross_entropy
 from upcycle.train.memory import HeapTrimmer
+from upcycle.train.modes import (  # noqa: F401  (adapter_config, attach_adapter: public here too)
+    ADAPTER_FILES,
+    WEIGHT_FILES,
+    adapter_config,
+    attach_adapter,
+    mode_for,
+)
 from upcycle.train.options import TrainOptions
 
 METRICS = "metrics.jsonl"
 RECORD = "upcycle_train.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
 
 class Interrupted(UpcycleError):
@@ -84,8 +96,9 @@ def load_data(opts: TrainOptions, tokenizer) -> tuple[Blocks, Blocks | None]:
     return blocks, eval_blocks
 
 
-def _load_model(opts: TrainOptions, path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_model(opts: TrainOptions, path: str, tokenizer_path: str | None = None):
+    """(model from `path`, tokenizer from `tokenizer_path` or `path`)."""
+    from upcycle.io.models import load_causal_lm, load_tokenizer
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
     kwargs = {"dtype": dtype}
@@ -111,73 +124,9 @@ def _load_model(opts: TrainOptions, path: str):
 
     Checkpoint(path)  # one-line errors for missing or malformed model folders
     hf_logging.disable_progress_bar()  # the run's own log and progress bar say enough
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_causal_lm(path, **kwargs)
+    tokenizer = load_tokenizer(tokenizer_path or path)
     return model, tokenizer
-
-
-def adapter_config(opts: TrainOptions):
-    """The peft config for --adapter, validated (before any model is loaded)."""
-    from peft import LoraConfig
-
-    import upcycle.adapters as adapters
-
-    try:
-        if opts.adapter == "mixlora":
-            config = adapters.MixLoraConfig(
-                num_experts=opts.num_experts,
-                top_k=opts.top_k,
-                r=opts.r,
-                lora_alpha=opts.alpha,
-                lora_dropout=opts.dropout,
-                target_modules=opts.modules,
-                router_aux_loss_coef=opts.router_aux_loss_coef,
-                router_z_loss_coef=opts.router_z_loss_coef,
-                jitter_noise=opts.jitter_noise,
-                expert_view=opts.expert_view,
-                granularity=opts.granularity,
-            )
-        elif opts.adapter == "lora":
-            config = LoraConfig(
-                r=opts.r,
-                lora_alpha=opts.alpha,
-                lora_dropout=opts.dropout,
-                target_modules=opts.modules,
-                task_type="CAUSAL_LM",
-            )
-        else:
-            config = adapters.MixLoraConfig(
-                mode="experts",
-                r=opts.r,
-                lora_alpha=opts.alpha,
-                lora_dropout=opts.dropout,
-                target_modules=opts.modules,
-                router_aux_loss_coef=opts.router_aux_loss_coef,
-                router_z_loss_coef=opts.router_z_loss_coef,
-            )
-    except ValueError as e:
-        raise OptionError(str(e).splitlines()[0]) from None
-    return config
-
-
-def attach_adapter(model, config):
-    """The peft model: `config` attached to `model` (one-line errors for mismatches)."""
-    from peft import LoraConfig, get_peft_model
-
-    if isinstance(config, LoraConfig):
-        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        unknown = [m for m in config.target_modules if m not in present]
-        if unknown:
-            raise OptionError(f"unknown target module {unknown[0]!r}: the model has none")
-    try:
-        model = get_peft_model(model, config)
-    except ValueError as e:
-        raise OptionError(str(e).splitlines()[0]) from None
-    if isinstance(config, LoraConfig):
-        from upcycle.adapters.layers import use_fast_dropout
-
-        use_fast_dropout(model)
-    return model
 
 
 def enable_checkpointing(model, ffn_outside: bool = True) -> None:
@@ -308,7 +257,8 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, acc) -> float:
 
 
 def train(opts: TrainOptions, log=None) -> dict:
-    """Fine-tune an adapter on opts.data; returns the final metrics. See the module docstring."""
+    """Train opts.adapter (a peft adapter, the whole model or its routers; see
+    `upcycle.train.modes`) on opts.data; returns the final metrics. See the module docstring."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft import PeftModel  # noqa: F401
@@ -329,11 +279,19 @@ def train(opts: TrainOptions, log=None) -> dict:
             "`accelerate launch --multi_gpu --num_processes N --num_machines 1 -m upcycle train ...`"
         )
     resume_from = _check_out(opts)
-    peft_config = adapter_config(opts)
+    mode = mode_for(opts)
+    resumed = None
+    if resume_from is not None:
+        resumed = read_state(resume_from)
+        _check_trajectory(opts, resumed)
     base_path = resolve_model(opts.model, log=say)
     set_seed(opts.seed)
-    model, tokenizer = _load_model(opts, base_path)
-    fingerprint = model_fingerprint(model)
+    weights_path = mode.load_from(base_path, resume_from)
+    model, tokenizer = _load_model(opts, weights_path, base_path)
+    if weights_path == base_path:
+        fingerprint = model_fingerprint(model)
+    else:  # a full run resumed from its checkpoint: the base's fingerprint as recorded
+        fingerprint = resumed.get("base_fingerprint")
     blocks, eval_blocks = load_data(opts, tokenizer)
     world, rank = acc.num_processes, acc.process_index
     global_batch = opts.batch_size * world * opts.grad_accum
@@ -346,7 +304,7 @@ def train(opts: TrainOptions, log=None) -> dict:
     total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
 
     torch.manual_seed(opts.seed)
-    model = attach_adapter(model, peft_config)
+    model = mode.prepare(model, base_path)
     if opts.gradient_checkpointing:
         enable_checkpointing(model, ffn_outside=not opts.checkpoint_ffn)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -366,15 +324,7 @@ def train(opts: TrainOptions, log=None) -> dict:
 
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume_from is not None:
-        state = load_checkpoint(acc, model, optimizer, scheduler, resume_from)
-        changed = {
-            k: (state["options"].get(k), v)
-            for k, v in opts.trajectory().items()
-            if state["options"].get(k) != v and k not in ("model", "out")
-        }
-        if changed:
-            k, (old, new) = next(iter(changed.items()))
-            raise OptionError(f"--resume: option {k} was {old!r} and is now {new!r}")
+        state = load_checkpoint(acc, model, optimizer, scheduler, resume_from, mode)
         if state.get("world_size") != world:
             say(
                 f"note: resuming with {world} processes, the checkpoint had {state.get('world_size')}"
@@ -443,6 +393,10 @@ def train(opts: TrainOptions, log=None) -> dict:
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
                 with ctx:
                     lm, aux = batch_loss(model, batch, max(global_count, 1) / world)
+                    if not torch.is_tensor(aux):  # None, or 0 from a model without routers
+                        aux = None
+                    elif mode.aux_scale != 1.0:
+                        aux = aux * mode.aux_scale
                     loss = lm + aux / opts.grad_accum if aux is not None else lm
                     acc.backward(loss)
                 lm_sum += lm.detach().double()
@@ -495,7 +449,9 @@ def train(opts: TrainOptions, log=None) -> dict:
                 stop = bool(acc.reduce(flag, reduction="sum").item() > 0)
             state = {**run_state, "tokens": tokens_seen, "elapsed_s": last["elapsed_s"]}
             if stop or (opts.save_steps and step % opts.save_steps == 0 and step < total_steps):
-                path = save_checkpoint(acc, model, optimizer, scheduler, opts.out, step, state)
+                path = save_checkpoint(
+                    acc, model, optimizer, scheduler, opts.out, step, state, mode
+                )
                 if stop:
                     bar.close()
                     raise Interrupted(
@@ -519,12 +475,14 @@ def train(opts: TrainOptions, log=None) -> dict:
         opts.out,
         step,
         {**run_state, "tokens": tokens_seen, "elapsed_s": last.get("elapsed_s", 0.0)},
+        mode,
     )
     if main:
         _save_final(
             acc.unwrap_model(model),
             opts.out,
             {**run_state, "final": final, "steps": step, "trainable_params": n_trainable},
+            mode,
         )
     acc.wait_for_everyone()
     return final
@@ -543,14 +501,35 @@ def _truncate_metrics(path: str, step: int) -> None:
         f.writelines(keep)
 
 
-def _save_final(model, out: str, record: dict) -> None:
-    """The adapter at the root of OUT (as peft saves it), each file renamed into place."""
+def _check_trajectory(opts: TrainOptions, state: dict) -> None:
+    """--resume continues the same run: the options that shape it must not change."""
+    saved = state.get("options") or {}
+    for k, v in opts.trajectory().items():
+        if k not in ("model", "out") and saved.get(k) != v:
+            raise OptionError(f"--resume: option {k} was {saved.get(k)!r} and is now {v!r}")
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in WEIGHT_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None
+
+
+def _save_final(model, out: str, record: dict, mode) -> None:
+    """The weights at the root of OUT (as the mode saves them), each file renamed into place.
+
+    The record goes first out and last in, so a root with a record is always whole; weight
+    files of an earlier finish (a resumed run that had finished) are removed first."""
     tmp = os.path.join(out, ".final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    os.makedirs(tmp)
+    mode.save(model, tmp)
     with open(os.path.join(tmp, RECORD), "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
+    if os.path.isfile(os.path.join(out, RECORD)):
+        os.remove(os.path.join(out, RECORD))
+    for name in os.listdir(out):
+        if _is_weight_file(name) and os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     for name in sorted(os.listdir(tmp), key=lambda n: n == RECORD):  # the record goes last
         os.replace(os.path.join(tmp, name), os.path.join(out, name))
     os.rmdir(tmp)
