@@ -18,7 +18,15 @@ from upcycle.adapters.layers import (
 )
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-_MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe")
+_MOE_MODEL_TYPES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "phimoe",
+    "upcycle_bam",
+)
 
 
 class MixLoraModel(BaseTuner):
@@ -83,6 +91,8 @@ class MixLoraModel(BaseTuner):
                         f"{name}: no router `gate` with an (experts, hidden) weight next to it"
                     )
                 routers.append(router)
+            elif config.mode == "experts" and _is_attention_router(name, module):
+                routers.append(name)  # bam's soft attention routers train with the FFN routers
             elif config.mode == "mixlora" and is_gated_ffn(module):
                 ffns.append(name)
             elif isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in attention:
@@ -163,6 +173,10 @@ class MixLoraModel(BaseTuner):
             "MixLoRA experts do not fold into a dense model; export a stock MoE checkpoint "
             "with `upcycle merge RUN OUT` (or upcycle.merge.merge)"
         )
+
+
+def _is_attention_router(name: str, module: nn.Module) -> bool:
+    return name.endswith("self_attn.router") and isinstance(module, nn.Linear)
 
 
 def _has(model: nn.Module, name: str) -> bool:

@@ -75,6 +75,11 @@ def _moe_info(ckpt: Checkpoint) -> dict:
         "methods": [],
         "targets": [],
     }
+    if cfg.get("num_attention_experts"):  # bam: soft-routed, all active
+        out["attention_experts"] = (
+            f"{cfg['num_attention_experts']} per layer ({cfg.get('attention_experts', 'full')}), "
+            "soft-routed" + (", parallel with the FFN" if cfg.get("parallel_attention") else "")
+        )
     if (
         "num_experts" in cfg
         and "num_local_experts" in cfg
@@ -126,6 +131,8 @@ def format_info(info: dict) -> str:
             f"  experts       {info['experts']} per MoE layer ({info['moe_layers']} MoE layers), "
             f"top-{info['top_k']}, width {info['expert_width']}, shared width {info['shared_expert_width']}"
         )
+        if info.get("attention_experts"):
+            lines.append(f"  attention     {info['attention_experts']}")
     else:
         lines.append(f"  methods       {', '.join(info['methods']) or '-'}")
         lines.append(f"  targets       {', '.join(info['targets']) or '-'}")

@@ -124,6 +124,7 @@ MOE_FAMILIES: dict[str, MoEFamily] = {
         MoEFamily("qwen3_moe", "num_experts", expert_width_key="moe_intermediate_size"),
         MoEFamily("olmoe", "num_experts"),
         MoEFamily("phimoe", "num_local_experts"),
+        MoEFamily("upcycle_bam", "num_local_experts"),  # upcycle/modeling (bam)
     ]
 }
 
