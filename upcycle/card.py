@@ -57,6 +57,8 @@ def write_metadata(plan, folder: str) -> None:
         "moe_layers": plan.moe_layers,
         "options": asdict(plan.options),
     }
+    if getattr(plan.method, "report", None):  # what a data-driven method found (readme)
+        provenance["report"] = plan.method.report
     with open(os.path.join(folder, "upcycle.json"), "w") as f:
         json.dump(provenance, f, indent=2)
         f.write("\n")

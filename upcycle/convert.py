@@ -38,7 +38,7 @@ class ConvertOptions:
 
     method: str = "copy"
     num_experts: int | None = None  # copy: 8; granular: granularity - shared_experts
-    top_k: int = 2
+    top_k: int | None = None  # per method: 2 (readme: 1)
     target: str | None = None
     router_init: str = "random"
     router_std: float = 0.02
@@ -48,10 +48,12 @@ class ConvertOptions:
     weights: tuple[float, ...] = ()  # btx: averaging weights of those models (default uniform)
     attention_experts: str = "full"  # bam: full or shared-kv
     parallel_attention: bool = False  # bam: attention and FFN read the same input
+    keep: float = 0.5  # readme: share of each layer's neurons in a domain's mask
+    router_layers: int = 1  # readme: transformer layers of the pre-gating router
     granularity: int | None = None
     shared_experts: int = 0
     partition: str = "contiguous"
-    calibration_data: str | None = None
+    calibration_data: tuple[str, ...] = ()  # granular: one dataset; readme: one per domain
     calibration_tokens: int = 8192
     moe_layers: str = "all"
     router_aux_loss_coef: float = 0.001
@@ -374,11 +376,7 @@ def plan_conversion(
 def _target(opts: ConvertOptions, method: Method, family: DenseFamily) -> MoETarget:
     """--target, the family's default, or the architecture a method always writes (bam)."""
     own = getattr(method, "target", None)
-    if own:
-        if opts.target and opts.target != own:
-            raise OptionError(
-                f"--method {opts.method} writes its own architecture ({own}); drop --target"
-            )
+    if own:  # make_method refused a --target that differs
         return CUSTOM_TARGETS[own]
     name = opts.target or family.target
     if name not in TARGETS:
@@ -406,7 +404,7 @@ def _moe_shapes(
 
     if not moe:
         return ffn(target.dense_mlp, inter)
-    out = [(prefix + target.router, (layout.num_experts, hidden))]
+    out = [(prefix + target.router, (layout.num_experts, hidden))] if target.router else []
     E, width = layout.num_experts, layout.expert_width
     if target.fused:
         gate_up, down = target.fused
@@ -416,7 +414,8 @@ def _moe_shapes(
             out += ffn(target.expert.replace("{e}", str(e)), width)
     if target.shared:
         out += ffn(target.shared, layout.shared_width)
-        out.append((prefix + target.shared_gate, (1, hidden)))
+        if target.shared_gate:
+            out.append((prefix + target.shared_gate, (1, hidden)))
     return out
 
 
@@ -438,7 +437,8 @@ def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, np.ndarray
             out[prefix + tgt.dense_mlp.format(p=tgt.proj[role])] = t
         return out
     layer: MoELayer = plan.method.layer(i, ffn, dtype)
-    out[prefix + tgt.router] = cast(layer.router, "F32", dtype)
+    if tgt.router:
+        out[prefix + tgt.router] = cast(layer.router, "F32", dtype)
     if tgt.fused:
         gate_up, down = tgt.fused
         out[prefix + gate_up] = np.stack(
@@ -458,7 +458,8 @@ def _layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, np.ndarray
             shared = {**shared, "down": cast(down, "F32", dtype)}
         for role, t in shared.items():
             out[prefix + tgt.shared.format(p=tgt.proj[role])] = t
-        out[prefix + tgt.shared_gate] = np.zeros((1, hidden), STORAGE[dtype])
+        if tgt.shared_gate:
+            out[prefix + tgt.shared_gate] = np.zeros((1, hidden), STORAGE[dtype])
     finish_layer = getattr(plan.method, "finish_layer", None)  # bam: attention experts
     return finish_layer(i, prefix, out, dtype) if finish_layer else out
 
@@ -529,6 +530,9 @@ def convert(
             if plan.entries[-1][0] == plan.family.lm_head:
                 tail[plan.family.lm_head] = ckpt.get(plan.family.lm_head, plan.dtype)
             emit(tail)
+            extra_tensors = getattr(plan.method, "extra_tensors", None)  # readme: its pre-gate
+            if extra_tensors:
+                emit(extra_tensors(plan, ckpt))
             writer.finish()
         except BaseException:
             writer.abort()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 class MoETarget:
     model_type: str
     architecture: str
-    router: str  # relative to the layer prefix
+    router: str | None  # relative to the layer prefix (None: routing comes from elsewhere)
     expert: str  # formatted with e (expert index) and p (projection name)
     proj: dict[str, str]  # role (gate/up/down) -> projection name in `expert`
     experts_keys: tuple[str, ...]  # config keys carrying the number of experts
@@ -26,7 +26,7 @@ class MoETarget:
         None  # per-layer dense FFN (formatted with p) where layers may stay dense
     )
     shared: str | None = None  # shared-expert FFN (formatted with p)
-    shared_gate: str | None = None
+    shared_gate: str | None = None  # None: the shared expert always has weight 1
     shared_gate_at_zero: float = 1.0  # the shared expert's gate value when its weights are zero
     carry: tuple[str, ...] = ()  # extra config fields copied from the source when present
     normalizes_top_k: str | None = None  # config key that switches top-k renormalization on
@@ -130,3 +130,19 @@ CUSTOM_TARGETS: dict[str, MoETarget] = {
         fused=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     ),
 }
+CUSTOM_TARGETS["upcycle_readme"] = MoETarget(
+    "upcycle_readme",
+    "UpcycleReadmeForCausalLM",
+    router=None,  # one pre-gating router for every layer, written by the method
+    expert="",
+    proj={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    experts_keys=("num_local_experts",),
+    expert_width_key="intermediate_size",
+    attention=_QKVO + _NORMS,
+    shared="mlp.shared_expert.{p}.weight",
+    shared_width_key="shared_expert_intermediate_size",
+    carry=("sliding_window",),
+    fixed=(("router_jitter_noise", 0.0),),
+    same_sliding_window=("llama", "mistral"),
+    fused=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+)

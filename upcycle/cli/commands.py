@@ -50,7 +50,9 @@ def _weights(value) -> tuple[float, ...]:
 @click.argument("model")
 @click.argument("out")
 @config_option
-@click.option("--method", default="copy", show_default=True, help="copy, granular, btx or bam.")
+@click.option(
+    "--method", default="copy", show_default=True, help="copy, granular, btx, bam or readme."
+)
 @click.option(
     "--num-experts",
     "-E",
@@ -59,7 +61,7 @@ def _weights(value) -> tuple[float, ...]:
     help="Routed experts per MoE layer [copy: 8; granular: granularity - shared].",
 )
 @click.option(
-    "--top-k", "-k", type=int, default=2, show_default=True, help="Experts each token uses."
+    "--top-k", "-k", type=int, default=None, help="Experts each token uses [2; readme: 1]."
 )
 @click.option(
     "--target",
@@ -91,15 +93,30 @@ def _weights(value) -> tuple[float, ...]:
 )
 @click.option(
     "--calibration-data",
-    default=None,
-    help="Text or JSONL file (or builtin) for --partition coactivation / --router-init activation.",
+    multiple=True,
+    help="Text or JSONL file (or builtin, builtin:code, ...): granular's --partition coactivation "
+    "/ --router-init activation; readme: one per domain (repeat), or one to cluster.",
+)
+@click.option(
+    "--keep",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="readme: share of each layer's neurons in a domain's mask.",
+)
+@click.option(
+    "--router-layers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="readme: transformer layers of the pre-gating router.",
 )
 @click.option(
     "--calibration-tokens",
     type=int,
     default=8192,
     show_default=True,
-    help="Calibration tokens per layer kept in memory.",
+    help="Calibration tokens per layer kept in memory (readme: per dataset).",
 )
 @click.option(
     "--router-std",

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import numpy as np
 
-from upcycle.converters import bam, btx, copy, granular  # noqa: F401  (register the methods)
+from upcycle.converters import bam, btx, copy, granular, readme  # noqa: F401  (register them)
 from upcycle.converters.base import METHODS, MethodInfo, MoELayer, MoELayout
 from upcycle.errors import OptionError
 
@@ -36,7 +36,9 @@ _SPECIFIC = {
     "granularity": (("granular",), None),
     "shared_experts": (("granular",), 0),
     "partition": (("granular",), "contiguous"),
-    "calibration_data": (("granular",), None),
+    "calibration_data": (("granular", "readme"), ()),
+    "keep": (("readme",), 0.5),
+    "router_layers": (("readme",), 1),
 }
 
 
@@ -46,6 +48,13 @@ def make_method(opts) -> Method:
         raise OptionError(
             f"unknown --method {opts.method!r}; available: {', '.join(sorted(METHODS))}"
         )
+    own = {"bam": "upcycle_bam", "readme": "upcycle_readme"}.get(opts.method)
+    if own and opts.target and opts.target != own:
+        raise OptionError(
+            f"--method {opts.method} writes its own architecture ({own}); drop --target"
+        )
+    if opts.top_k is None:  # recorded in upcycle.json as resolved
+        opts.top_k = 1 if opts.method == "readme" else 2
     for option, (methods, default) in _SPECIFIC.items():
         if opts.method not in methods and getattr(opts, option) != default:
             flag = "--" + option.replace("_", "-")
@@ -81,14 +90,26 @@ def make_method(opts) -> Method:
                 parallel_attention=opts.parallel_attention,
                 **several,
             )
+    elif opts.method == "readme":
+        method = readme.ReadmeMethod(
+            calibration_data=opts.calibration_data,
+            num_experts=opts.num_experts,
+            top_k=opts.top_k,
+            keep=opts.keep,
+            calibration_tokens=opts.calibration_tokens,
+            router_layers=opts.router_layers,
+            seed=opts.seed,
+        )
     else:
         if opts.granularity is None:
             raise OptionError("--method granular needs --granularity")
         texts = None
+        if len(opts.calibration_data) > 1:
+            raise OptionError("--method granular takes one --calibration-data")
         if opts.calibration_data:
             from upcycle.data import resolve_texts
 
-            texts = resolve_texts(opts.calibration_data, split="calibration")
+            texts = resolve_texts(opts.calibration_data[0], split="calibration")
         method = granular.GranularMethod(
             granularity=opts.granularity,
             num_experts=opts.num_experts,

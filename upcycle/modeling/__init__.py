@@ -14,7 +14,9 @@ import os
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_upcycle_bam import UpcycleBamConfig
+from .configuration_upcycle_readme import UpcycleReadmeConfig
 from .modeling_upcycle_bam import UpcycleBamForCausalLM
+from .modeling_upcycle_readme import UpcycleReadmeForCausalLM
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,10 +29,21 @@ ARCHITECTURES = {
             "AutoModelForCausalLM": "modeling_upcycle_bam.UpcycleBamForCausalLM",
         },
     ),
+    "upcycle_readme": (
+        ("configuration_upcycle_readme.py", "modeling_upcycle_readme.py"),
+        {
+            "AutoConfig": "configuration_upcycle_readme.UpcycleReadmeConfig",
+            "AutoModelForCausalLM": "modeling_upcycle_readme.UpcycleReadmeForCausalLM",
+        },
+    ),
 }
 
-AutoConfig.register(UpcycleBamConfig.model_type, UpcycleBamConfig, exist_ok=True)
-AutoModelForCausalLM.register(UpcycleBamConfig, UpcycleBamForCausalLM, exist_ok=True)
+for _config, _model in (
+    (UpcycleBamConfig, UpcycleBamForCausalLM),
+    (UpcycleReadmeConfig, UpcycleReadmeForCausalLM),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
 
 
 def code_files(model_type: str) -> list[str]:
@@ -42,4 +55,12 @@ def auto_map(model_type: str) -> dict[str, str]:
     return dict(ARCHITECTURES[model_type][1])
 
 
-__all__ = ["ARCHITECTURES", "UpcycleBamConfig", "UpcycleBamForCausalLM", "auto_map", "code_files"]
+__all__ = [
+    "ARCHITECTURES",
+    "UpcycleBamConfig",
+    "UpcycleBamForCausalLM",
+    "UpcycleReadmeConfig",
+    "UpcycleReadmeForCausalLM",
+    "auto_map",
+    "code_files",
+]
