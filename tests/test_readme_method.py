@@ -75,6 +75,8 @@ def test_experts_are_the_masks_minus_their_intersection(dense, converted):
             assert not gate_up[len(ex) : width].any()  # padding neurons are zero
         assert not set(experts[0]) & set(experts[1])  # a neuron in both masks is residual
         assert len(residual) <= shared
+        recorded = json.load(open(os.path.join(converted, "readme_neurons.json")))["layers"][i]
+        assert recorded["residual"] == residual and recorded["experts"] == experts
 
 
 def test_pre_gate_plans_every_layer_before_the_backbone(converted):

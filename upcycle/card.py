@@ -43,6 +43,9 @@ def write_metadata(plan, folder: str) -> None:
             shutil.copyfile(src, os.path.join(folder, name))
     for src in plan.code_files:  # custom architectures: loaded with trust_remote_code=True
         shutil.copyfile(src, os.path.join(folder, os.path.basename(src)))
+    write_files = getattr(plan.method, "write_files", None)  # readme: its neuron sets
+    if write_files:
+        write_files(folder)
     provenance = {
         "upcycle_version": __version__,
         "method": plan.options.method,

@@ -41,6 +41,7 @@ INFO = register(
 )
 
 ROUTER_PREFIX = "model.router."
+NEURONS_FILE = "readme_neurons.json"  # which dense neurons each expert holds, per layer
 
 
 def _kmeans(points: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarray:
@@ -230,6 +231,7 @@ class ReadmeMethod:
         self._fit_head(emb, ids.reshape(-1).numpy(), labels, model.config.rms_norm_eps)
         self.report = {
             "domains": E,
+            "intermediate_size": inter,
             "blocks_per_domain": np.bincount(domain, minlength=E).tolist(),
             "keep": keep,
             "residual_width": max(len(r) for r in self._residual),
@@ -303,6 +305,23 @@ class ReadmeMethod:
         y = np.eye(self.domains, dtype=np.float32)[labels]
         self._head = fit_linear_router(x, y, log=False, logit_std=1.0)
         self._accuracy = float(((x @ self._head.T).argmax(1) == labels).mean())
+
+    def write_files(self, folder: str) -> None:
+        """readme_neurons.json: per layer, the dense FFN's neuron indices in the residual
+        expert and in each routed expert, in the order they are stored (training computes
+        the router's activation labels from them)."""
+        import json
+        import os
+
+        record = {
+            "source_intermediate_size": int(self.report["intermediate_size"]),
+            "layers": [
+                {"residual": r.tolist(), "experts": [e.tolist() for e in experts]}
+                for r, experts in zip(self._residual, self._experts, strict=True)
+            ],
+        }
+        with open(os.path.join(folder, NEURONS_FILE), "w") as f:
+            json.dump(record, f)
 
     # -- the engine's hooks ---------------------------------------------------------------------
 
