@@ -68,6 +68,61 @@ def _kmeans(points: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarra
     return labels
 
 
+def membership(experts: list[list[np.ndarray]], intermediate: int) -> np.ndarray:
+    """(L, I, E) float32 0/1: whether dense neuron j of layer l belongs to expert e."""
+    member = np.zeros((len(experts), intermediate, len(experts[0])), dtype=np.float32)
+    for i, layer in enumerate(experts):
+        for e, idx in enumerate(layer):
+            member[i, idx, e] = 1.0
+    return member
+
+
+def load_membership(folder: str) -> np.ndarray:
+    """The (L, I, E) membership of a Read-ME checkpoint, from its readme_neurons.json."""
+    import json
+    import os
+
+    path = os.path.join(folder, NEURONS_FILE)
+    if not os.path.isfile(path):
+        raise InputError(f"{folder}: no {NEURONS_FILE} (not a Read-ME model from upcycle convert)")
+    with open(path) as f:
+        record = json.load(f)
+    experts = [[np.asarray(e, dtype=np.int64) for e in lay["experts"]] for lay in record["layers"]]
+    return membership(experts, int(record["source_intermediate_size"]))
+
+
+def activation_scores(dense_model, ids, member: np.ndarray, batch_size: int = 4):
+    """(tokens, E) float32 tensor: for each token of `ids` (blocks, T), the |h| mass on each
+    expert's neurons summed over layers, h being the dense model's down-projection input.
+    Its argmax is the token's activation label (Read-ME's router target)."""
+    import torch
+
+    weights = torch.from_numpy(member)
+    scores: list[torch.Tensor] = []
+    acc: dict[str, torch.Tensor] = {}
+
+    def hook(i):
+        def fn(_m, a):
+            s = a[0].detach().abs().float().reshape(-1, a[0].shape[-1]) @ weights[i]
+            acc["s"] = s if i == 0 else acc["s"] + s
+
+        return fn
+
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(hook(i))
+        for i, layer in enumerate(dense_model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            for b in range(0, ids.shape[0], batch_size):
+                dense_model(input_ids=ids[b : b + batch_size])
+                scores.append(acc["s"])
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(scores)
+
+
 class ReadmeMethod:
     """Read-ME conversion (see module docstring). Calibration runs when the engine first asks
     for the layout (after the source's checks, before the plan), because the experts' widths
@@ -222,11 +277,8 @@ class ReadmeMethod:
         self._experts = [
             [np.flatnonzero(masks[d, i] & ~residual[i]) for d in range(E)] for i in range(L)
         ]
-        member = np.zeros((L, inter, E), dtype=np.float32)
-        for i in range(L):
-            for d in range(E):
-                member[i, self._experts[i][d], d] = 1.0
-        labels = self._labels(model, ids, member)  # (tokens,)
+        member = membership(self._experts, inter)
+        labels = activation_scores(model, ids, member).argmax(1).numpy()  # (tokens,)
         emb = model.get_input_embeddings().weight.detach().float().numpy()
         self._fit_head(emb, ids.reshape(-1).numpy(), labels, model.config.rms_norm_eps)
         self.report = {
@@ -267,35 +319,6 @@ class ReadmeMethod:
             for h in hooks:
                 h.remove()
         return torch.cat(out).numpy()
-
-    def _labels(self, model, ids, member: np.ndarray) -> np.ndarray:
-        """Each token's expert: the one whose neurons hold most of its |h| over all layers."""
-        import torch
-
-        weights = torch.from_numpy(member)
-        scores: list[torch.Tensor] = []
-        acc: dict[str, torch.Tensor] = {}
-
-        def hook(i):
-            def fn(_m, a):
-                s = a[0].detach().abs().float().reshape(-1, a[0].shape[-1]) @ weights[i]
-                acc["s"] = s if i == 0 else acc["s"] + s
-
-            return fn
-
-        hooks = [
-            layer.mlp.down_proj.register_forward_pre_hook(hook(i))
-            for i, layer in enumerate(model.model.layers)
-        ]
-        try:
-            with torch.no_grad():
-                for b in range(0, ids.shape[0], 4):
-                    model(input_ids=ids[b : b + 4])
-                    scores.append(acc["s"])
-        finally:
-            for h in hooks:
-                h.remove()
-        return torch.cat(scores).argmax(1).numpy()
 
     def _fit_head(self, emb: np.ndarray, tokens: np.ndarray, labels: np.ndarray, eps: float):
         from upcycle.converters.calibration import fit_linear_router
