@@ -178,3 +178,35 @@ def test_bam_options_need_bam(models, cli, tmp_path):
     r = cli("convert", members[0], str(tmp_path / "o"), "--method", "btx", "--parallel-attention",
             *args)  # fmt: skip
     assert_one_line_error(r, "--parallel-attention applies to --method bam")
+
+
+def test_experts_lora_on_bam_trains_both_routers_and_merges_exactly(models, cli, tmp_path):
+    """LoRA on the FFN experts, trained FFN and attention routers, LoRA on the stacked attention
+    projections: `upcycle merge` folds all of it back into an upcycle_bam checkpoint."""
+    import upcycle.adapters as A
+    from peft import get_peft_model
+
+    members = [models["llama", n] for n in ("seed", "a", "b")]
+    bam = _convert(cli, members[0], str(tmp_path / "bam"), members, "--attention-experts",
+                   "shared-kv", "--router-init", "random")  # fmt: skip
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(bam), A.MixLoraConfig(mode="experts", r=4)
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("self_attn.router.mixlora_router" in n for n in trainable)
+    assert any("mlp.gate.mixlora_router" in n for n in trainable)
+    assert any("gate_up_A" in n for n in trainable) and any("q_proj" in n for n in trainable)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+    assert (want - logits(bam, IDS)).abs().max() > 1e-3
+    model.save_pretrained(tmp_path / "run")
+    r = cli("merge", tmp_path / "run", tmp_path / "out", "-q")
+    assert r.code == 0, r.err
+    assert json.load(open(tmp_path / "out" / "config.json"))["model_type"] == "upcycle_bam"
+    assert (logits(str(tmp_path / "out"), IDS) - want).abs().max() <= 1e-4

@@ -492,13 +492,13 @@ def _embed_name(ckpt) -> str | None:
 
 def experts_patches(adapter: Adapter, ckpt: Checkpoint) -> tuple[dict, dict]:
     """Per-expert LoRA deltas and trained routers of an experts-lora run, by tensor name."""
-    from upcycle.arch.targets import TARGETS
+    from upcycle.arch.targets import CUSTOM_TARGETS, TARGETS
 
-    target = TARGETS.get(ckpt.model_type)
+    target = TARGETS.get(ckpt.model_type) or CUSTOM_TARGETS.get(ckpt.model_type)
     if target is None:
         raise UnsupportedError(
             f"cannot merge experts-lora into a {ckpt.model_type} base "
-            f"(supported: {', '.join(TARGETS)})"
+            f"(supported: {', '.join([*TARGETS, *CUSTOM_TARGETS])})"
         )
     deltas: dict = {}
     replace: dict[str, np.ndarray] = {}
@@ -510,6 +510,10 @@ def experts_patches(adapter: Adapter, ckpt: Checkpoint) -> tuple[dict, dict]:
             replace[m.group(1) + target.router] = t
             found += 1
             continue
+        m = re.match(r"^(model\.layers\.\d+\.self_attn\.router\.)mixlora_router$", key)
+        if m:  # bam's soft attention router
+            replace[m.group(1) + "weight"] = t
+            continue
         m = re.match(
             r"^(model\.layers\.\d+\.)mlp\.experts\.mixlora_experts\.(gate_up|down)_A$", key
         )
@@ -517,6 +521,14 @@ def experts_patches(adapter: Adapter, ckpt: Checkpoint) -> tuple[dict, dict]:
             continue
         prefix, role = m.groups()
         b = adapter.tensors[key[:-1] + "B"]
+        if target.fused:  # one (E, out, in) tensor per role, as the model holds it
+            name = prefix + target.fused[0 if role == "gate_up" else 1]
+            deltas[name] = (
+                (t.shape[0], b.shape[1], t.shape[2]),
+                lambda a=t, b=b: s * np.matmul(b.astype(np.float64), a),
+            )
+            found += 1
+            continue
         for e in range(t.shape[0]):
             if role == "down":
                 deltas[prefix + target.expert_name(e, "down")] = (
