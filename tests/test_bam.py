@@ -210,3 +210,28 @@ def test_experts_lora_on_bam_trains_both_routers_and_merges_exactly(models, cli,
     assert r.code == 0, r.err
     assert json.load(open(tmp_path / "out" / "config.json"))["model_type"] == "upcycle_bam"
     assert (logits(str(tmp_path / "out"), IDS) - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["full", "router", "experts-lora"])
+def test_train_and_merge_a_bam_model(cli, tmp_path, mode):
+    """upcycle train (every weight, only the FFN and attention routers, or LoRA experts) on a
+    BAM model, then upcycle merge: the merged upcycle_bam checkpoint loads and differs."""
+    from test_train import write_data
+
+    seeds = [save_tiny(str(tmp_path / f"m{s}"), "llama", seed=s, tokenizer=True) for s in (0, 1)]
+    bam = _convert(cli, seeds[0], str(tmp_path / "bam"), seeds, "--router-init", "random")
+    data = write_data(tmp_path)
+    run, out = tmp_path / "run", tmp_path / "out"
+    r = cli("train", bam, run, "--data", data, "--adapter", mode, "--max-steps", "2",
+            "--lr", "0.05", "--seq-len", "16", "--batch-size", "4", "-q")  # fmt: skip
+    assert r.code == 0, r.err
+    assert cli("merge", run, out, "-q").code == 0
+    assert {"configuration_upcycle_bam.py", "modeling_upcycle_bam.py"} <= set(os.listdir(out))
+    got, before = _weights(str(out)), _weights(bam)
+    changed = {n for n in before if not torch.equal(got[n], before[n])}
+    routers = {n for n in before if n.endswith(("mlp.gate.weight", "self_attn.router.weight"))}
+    if mode == "router":
+        assert changed == routers
+    else:
+        assert changed & routers and changed - routers
+    assert (logits(str(out), IDS) - logits(bam, IDS)).abs().max() > 1e-4
