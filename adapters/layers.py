@@ -274,10 +274,23 @@ class ExpertsLora(_TunerLayer):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
+        from upcycle.kernels import ops
+        from upcycle.kernels.experts import is_silu
         from upcycle.kernels.reference import routed_experts_lora
 
         name = self.active_adapters[0]
         base = self.base_layer
+        p = getattr(self.mixlora_dropout[name], "p", 0.0) if self.training else 0.0
+        if not p and is_silu(base.act_fn) and ops.use_triton(hidden_states, base.gate_up_proj):
+            return ops.experts_swiglu(  # the Triton kernels (CUDA): no LoRA dropout there
+                hidden_states,
+                base.gate_up_proj,
+                base.down_proj,
+                top_k_index,
+                top_k_weights,
+                self.mixlora_experts[name].pairs(hidden_states.dtype),
+                self.scaling[name],
+            )
         return routed_experts_lora(
             hidden_states,
             base.gate_up_proj,
@@ -287,7 +300,7 @@ class ExpertsLora(_TunerLayer):
             top_k_index,
             self.mixlora_experts[name].pairs(hidden_states.dtype),
             self.scaling[name],
-            dropout_p=getattr(self.mixlora_dropout[name], "p", 0.0) if self.training else 0.0,
+            dropout_p=p,
         )
 
 

@@ -500,7 +500,16 @@ def sorted_experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """The experts forward of a `@use_experts_implementation` module: (T, H) -> (T, H)."""
+    """The experts forward of a `@use_experts_implementation` module: (T, H) -> (T, H).
+
+    Plain SwiGLU experts run on the Triton kernels where `ops.use_triton` says so (CUDA, or
+    UPCYCLE_TRITON=1), else on the sorted torch Function; other experts on autograd."""
+    from upcycle.kernels import ops
+
+    if _is_plain_swiglu(self) and ops.use_triton(hidden_states, self.gate_up_proj, self.down_proj):
+        return ops.experts_swiglu(
+            hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights
+        )
     if _is_plain_swiglu(self):
         return sorted_swiglu_experts(
             hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj

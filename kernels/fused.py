@@ -30,6 +30,19 @@ from upcycle.kernels.reference import dropped_positions, sort_by_expert, zero_at
 ROLES = ("gate", "up", "down")
 
 
+def _triton_offsets(t: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+    """Segment offsets (E+1,) int32 on t's device when the Triton kernels serve these tensors
+    (`ops.use_triton`: CUDA, or UPCYCLE_TRITON=1), else None (the per-segment torch loop)."""
+    from upcycle.kernels import ops
+
+    if not ops.use_triton(t, w):
+        return None
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    return torch.tensor(bounds, dtype=torch.int32, device=t.device)
+
+
 def _seg_mm(
     xs: torch.Tensor,
     counts: list[int],
@@ -41,8 +54,17 @@ def _seg_mm(
     """Rows of xs times w[e]^T (transpose) or w[e], expert segment by segment.
 
     Segments are written into `out` (or a new tensor), or added to it with `add`, so the
-    per-expert products never allocate tensors whose size changes with the routing.
+    per-expert products never allocate tensors whose size changes with the routing. On the
+    Triton path one grouped kernel covers every segment.
     """
+    offsets = _triton_offsets(xs, w, counts)
+    if offsets is not None:
+        from upcycle.kernels import triton_moe
+
+        w = w.to(xs.dtype)
+        return triton_moe.grouped_mm(
+            xs, w, offsets, transpose=transpose, out=out, accumulate=add and out is not None
+        )
     n = w.shape[1] if transpose else w.shape[2]
     if out is None:
         out = xs.new_empty(xs.shape[0], n)
@@ -61,6 +83,11 @@ def _seg_mm(
 
 def _seg_outer(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Stack of a_e^T @ b_e over expert segments: (E, a.shape[1], b.shape[1])."""
+    offsets = _triton_offsets(a, b, counts)
+    if offsets is not None:
+        from upcycle.kernels import triton_moe
+
+        return triton_moe.segment_outer(a, b, offsets, len(counts))
     out = a.new_zeros(len(counts), a.shape[1], b.shape[1])
     start = 0
     for e, c in enumerate(counts):

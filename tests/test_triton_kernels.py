@@ -11,6 +11,7 @@ kernel tests skip then).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -285,6 +286,124 @@ def check_torch_compile_fullgraph():
     (dx,) = torch.autograd.grad(compiled(x), x)
     (dx_eager,) = torch.autograd.grad(layer(x), x)
     close(dx, dx_eager, TOL[torch.float32], "grad x")
+
+
+class _triton_env:
+    """UPCYCLE_TRITON=1 inside the block (the dispatch rule CUDA tensors meet), counting how
+    often the Triton experts op runs."""
+
+    def __enter__(self):
+        self.calls = 0
+        self.saved = os.environ.get("UPCYCLE_TRITON")
+        os.environ["UPCYCLE_TRITON"] = "1"
+        real = self.real = ops.experts_swiglu
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        ops.experts_swiglu = counted
+        return self
+
+    def __exit__(self, *exc):
+        ops.experts_swiglu = self.real
+        if self.saved is None:
+            os.environ.pop("UPCYCLE_TRITON")
+        else:
+            os.environ["UPCYCLE_TRITON"] = self.saved
+
+
+def _grads(module_fn, params, x, probe):
+    y = module_fn(x)
+    grads = torch.autograd.grad((y * probe).sum(), [x, *params])
+    return y.detach(), grads
+
+
+def check_upcycle_experts_implementation_runs_triton():
+    """A transformers MoE with experts_implementation="upcycle" takes the Triton kernels where
+    the dispatch says so, with the sorted Function's outputs and gradients."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from upcycle.kernels.experts import register
+
+    register()
+    cfg = MixtralConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=E,
+                        num_experts_per_tok=2)  # fmt: skip
+    cfg._experts_implementation = "upcycle"
+    torch.manual_seed(20)
+    block = MixtralSparseMoeBlock(cfg)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 9, H, requires_grad=True)
+    probe = torch.randn(2, 9, H)
+    params = [block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight]
+    with _triton_env() as env:
+        y, grads = _grads(block, params, x, probe)
+    assert env.calls == 1, env.calls
+    y_ref, g_ref = _grads(block, params, x, probe)
+    close(y, y_ref, TOL[torch.float32], "output")
+    for name, g, r in zip(("x", "gate_up", "down", "router"), grads, g_ref, strict=True):
+        close(g, r, TOL[torch.float32], f"grad {name}")
+
+
+def check_experts_lora_layer_runs_triton_without_dropout():
+    """LoRA experts (ExpertsLora) take the Triton kernels without dropout, the reference with."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    from upcycle.adapters import MixLoraConfig
+    from upcycle.adapters.layers import ExpertsLora
+
+    cfg = MixtralConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=E)
+    torch.manual_seed(21)
+    base = MixtralExperts(cfg)
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    layer = ExpertsLora(base, "default", MixLoraConfig(mode="experts", r=R, lora_dropout=0.0))
+    with torch.no_grad():
+        for p in layer.mixlora_experts.parameters():
+            p.normal_(0, 0.2)
+    index, weights = routing(11, 2, 22)
+    x = torch.randn(11, H, requires_grad=True)
+    probe = torch.randn(11, H)
+    lora = list(layer.mixlora_experts.parameters())
+    with _triton_env() as env:
+        y, grads = _grads(lambda t: layer(t, index, weights), lora, x, probe)
+    assert env.calls == 1, env.calls
+    y_ref, g_ref = _grads(lambda t: layer(t, index, weights), lora, x, probe)
+    close(y, y_ref, TOL[torch.float32], "output")
+    for i, (g, r) in enumerate(zip(grads, g_ref, strict=True)):
+        close(g, r, TOL[torch.float32], f"grad {i}")
+    dropped = ExpertsLora(base, "default", MixLoraConfig(mode="experts", r=R, lora_dropout=0.1))
+    dropped.train()
+    with _triton_env() as env:
+        dropped(x, index, weights)
+    assert env.calls == 0, "dropout runs on the reference path"
+
+
+def check_fused_segment_products_run_triton():
+    """The fused MixLoRA FFN's per-expert products (`_seg_mm`, `_seg_outer`) on one grouped
+    kernel each equal the per-segment torch loop, written in place, added, transposed or not."""
+    from upcycle.kernels import fused
+
+    counts = [5, 0, 7, 3]
+    gen = torch.Generator().manual_seed(23)
+    xs = torch.randn(sum(counts) + 2, H, generator=gen)  # 2 rows past the last segment
+    w_t = torch.randn(E, INTER, H, generator=gen)
+    w = torch.randn(E, H, INTER, generator=gen)
+    out0 = torch.randn(xs.shape[0], INTER, generator=gen)
+    b = torch.randn(xs.shape[0], INTER, generator=gen)
+    results = {}
+    for mode in ("triton", "loop"):
+        env = _triton_env() if mode == "triton" else contextlib.nullcontext()
+        with env:
+            results[mode] = (
+                fused._seg_mm(xs, counts, w_t, True)[: sum(counts)],
+                fused._seg_mm(xs, counts, w, False)[: sum(counts)],
+                fused._seg_mm(xs, counts, w_t, True, out=out0.clone(), add=True),
+                fused._seg_outer(xs, b, counts),
+            )
+    for i, (got, want) in enumerate(zip(*results.values(), strict=True)):
+        close(got, want, TOL[torch.float32], f"product {i}")
 
 
 INTERPRETED = {
