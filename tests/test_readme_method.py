@@ -168,3 +168,14 @@ def test_kmeans_is_deterministic_and_separates_clusters():
     a, b = _kmeans(points, 2, seed=3), _kmeans(points, 2, seed=3)
     assert np.array_equal(a, b) and len(set(a[:20])) == 1 and len(set(a[20:])) == 1
     assert a[0] != a[-1]
+
+
+def test_eval_reports_the_pre_gate_routing(converted, cli):
+    r = cli("eval", converted, "--data", "builtin:code", "--max-tokens", "256", "--seq-len", "64",
+            "--json", "-q")  # fmt: skip
+    assert r.code == 0, r.err
+    routing = json.loads(r.out)["routing"]
+    assert routing["num_experts"] == 2 and routing["top_k"] == 1 and routing["shared_expert"]
+    layers = routing["layers"]
+    assert [x["layer"] for x in layers] == [0, 1] and layers[0]["load"] == layers[1]["load"]
+    assert abs(sum(layers[0]["load"]) - 1) < 1e-6 and layers[0]["tokens"] == 256

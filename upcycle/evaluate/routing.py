@@ -15,6 +15,10 @@ Per MoE layer, over all tokens seen:
 - ``load_entropy``: entropy of ``load`` (log E when perfectly balanced);
 - ``max_load_ratio``: the busiest expert's load over the balanced load 1 / E.
 
+Read-ME models (upcycle_readme) route every layer from one pre-gating router over token ids
+(``model.router``, with an output ``head``); its logits are recorded once and counted for
+every MoE layer, so the per-layer statistics are identical.
+
 ``shared_expert`` says whether the blocks also run an always-on shared expert (qwen2_moe with a
 non-zero ``shared_expert_intermediate_size``); it is not counted among the E routed experts.
 """
@@ -38,6 +42,25 @@ def find_moe_blocks(model: torch.nn.Module) -> list[tuple[int, str, torch.nn.Mod
             m = _LAYER.search(name + ".")
             blocks.append((int(m.group(1)) if m else len(blocks), name, module))
     return sorted(blocks, key=lambda b: b[0])
+
+
+def find_pre_gate(model: torch.nn.Module) -> tuple[torch.nn.Module | None, list]:
+    """(pre-gating router, [(layer, name, MoE block)]) of a Read-ME model, else (None, [])."""
+    gate = None
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "router" and isinstance(
+            getattr(module, "head", None), torch.nn.Linear
+        ):
+            gate = module
+            break
+    if gate is None:
+        return None, []
+    blocks = []
+    for name, module in model.named_modules():
+        m = _LAYER.search(name + ".")
+        if m and name.endswith(".mlp") and hasattr(module, "experts") and "router" not in name:
+            blocks.append((int(m.group(1)), name, module))
+    return gate, sorted(blocks, key=lambda b: b[0])
 
 
 def _num_experts(block: torch.nn.Module) -> int:
@@ -104,9 +127,17 @@ class RoutingRecorder:
         self.model = model
         config = getattr(model, "config", None)
         self.blocks = find_moe_blocks(model)
+        self.pre_gate = None
+        if not self.blocks:
+            self.pre_gate, self.blocks = find_pre_gate(model)
         self.top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
         self.layers: list[_LayerStats] = []
         for layer, _, block in self.blocks:
+            if self.pre_gate is not None:
+                self.layers.append(
+                    _LayerStats(layer, self.pre_gate.head.out_features, self.top_k or 1)
+                )
+                continue
             k = self.top_k or int(getattr(block.gate, "top_k", 0) or getattr(block, "top_k", 1))
             self.layers.append(_LayerStats(layer, _num_experts(block), k))
         if self.layers and not self.top_k:
@@ -120,6 +151,14 @@ class RoutingRecorder:
         return bool(self.blocks)
 
     def __enter__(self) -> RoutingRecorder:
+        if self.pre_gate is not None:  # one choice for every layer
+
+            def every_layer(_module, _inputs, logits):
+                for stats in self.layers:
+                    stats.update(logits, None)
+
+            self._handles.append(self.pre_gate.register_forward_hook(every_layer))
+            return self
         for (_, _, block), stats in zip(self.blocks, self.layers, strict=True):
             self._handles.append(block.gate.register_forward_hook(self._hook(stats)))
         return self
