@@ -56,10 +56,10 @@ def _kmeans(points: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarra
         centers.append(points[pick])
     centers = np.stack(centers)
     labels = np.zeros(n, dtype=np.int64)
-    for _ in range(iters):
+    for step in range(iters):
         dist = ((points[:, None, :] - centers[None]) ** 2).sum(-1)
         new = dist.argmin(1)
-        if np.array_equal(new, labels) and _ > 0:
+        if step and np.array_equal(new, labels):
             break
         labels = new
         for c in range(k):
