@@ -11,7 +11,7 @@ def test_inspect_dense_and_moe(cli, tiny, tmp_path):
     assert info["family"] == "llama" and info["moe"] is False
     assert info["params_total"] == info["params_active"]
     assert info["targets"] == ["mixtral (default)", "qwen2_moe"]
-    assert info["methods"] == ["btx", "copy", "granular"]
+    assert info["methods"] == ["bam", "btx", "copy", "granular", "readme"]
     out = str(tmp_path / "moe")
     assert cli("convert", src, out, "-E", "4", "-k", "1", "-q").code == 0
     moe = json.loads(cli("inspect", out, "--json").out)

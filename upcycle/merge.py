@@ -374,8 +374,8 @@ def merge(
 
 
 def weights_run(path: str) -> dict | None:
-    """The training record of an `upcycle train --adapter full|router` folder (its root's
-    upcycle_train.json or a checkpoint's trainer_state.json), else None."""
+    """The training record of an `upcycle train --adapter full|router` or `--method readme`
+    folder (its root's upcycle_train.json or a checkpoint's trainer_state.json), else None."""
     if not os.path.isdir(path) or os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
         return None
     for name in (TRAIN_RECORD, "trainer_state.json"):
@@ -388,7 +388,9 @@ def weights_run(path: str) -> dict | None:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError(f"{record_path}: not valid JSON") from None
         options = record.get("options") if isinstance(record, dict) else None
-        if isinstance(options, dict) and options.get("adapter") in WEIGHT_MODES:
+        if isinstance(options, dict) and (
+            options.get("method") == "readme" or options.get("adapter") in WEIGHT_MODES
+        ):
             return record
     return None
 
@@ -407,11 +409,13 @@ def merge_weights(
     log,
 ):
     """A full run: its model, written standalone with the base's tokenizer. A router run: the
-    base with its routers replaced by the trained ones (every other tensor copied as is)."""
+    base with its routers replaced by the trained ones (every other tensor copied as is). A
+    readme run (`upcycle train --method readme`): as a full run, with readme_neurons.json."""
     from upcycle import __version__
     from upcycle.io.default_model import resolve_model
 
-    kind = record["options"]["adapter"]
+    readme = record["options"].get("method") == "readme"
+    kind = "readme" if readme else record["options"]["adapter"]
     if target:
         raise UnsupportedError(
             f"--target applies to MixLoRA runs; a {kind} run keeps its base's architecture"
@@ -425,7 +429,7 @@ def merge_weights(
             )
         log(f"note: base model {base_dir or '?'} not found; no tokenizer files copied (--base)")
         base_dir = None
-    if kind == "full":
+    if kind in ("full", "readme"):
         ckpt = Checkpoint(run)
         if base_dir is not None:
             base_cfg = Checkpoint(base_dir).config
@@ -458,6 +462,13 @@ def merge_weights(
     }
     if kind == "router":
         provenance["replaced"] = sorted(ckpt.replace)
+    extra = []
+    if readme:  # which dense neurons each expert holds (labels for further training)
+        provenance["dense"] = record.get("dense")
+        neurons = [os.path.join(d, "readme_neurons.json") for d in (run, base_dir) if d]
+        extra = [next((f for f in neurons if os.path.isfile(f)), None)]
+        if extra[0] is None:
+            raise InputError(f"{run}: no readme_neurons.json (here or in the base)")
     return write_standalone(
         ckpt,
         out,
@@ -467,6 +478,7 @@ def merge_weights(
         max_shard_size=max_shard_size,
         force=force,
         progress=progress,
+        extra_files=extra,
     )
 
 
@@ -590,10 +602,12 @@ def write_standalone(
     max_shard_size: str,
     force: bool,
     progress: bool,
+    extra_files: tuple | list = (),
 ):
     """Stream every tensor of `ckpt` (patched or not) under its own name into `out`, with its
     config (dtype updated), the tokenizer files of `aux_dir`, the custom code files next to
-    `ckpt` (config with auto_map) and `provenance` as upcycle.json; `out` appears when whole."""
+    `ckpt` (config with auto_map), `extra_files` and `provenance` as upcycle.json; `out`
+    appears when whole."""
     import shutil
 
     from tqdm.auto import tqdm
@@ -642,6 +656,8 @@ def write_standalone(
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tmp, aux))
         for src in code_files(ckpt.path):  # custom architectures: trust_remote_code=True
+            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
+        for src in extra_files:
             shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
         with open(os.path.join(tmp, "upcycle.json"), "w") as f:
             json.dump(provenance, f, indent=2)

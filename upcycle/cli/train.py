@@ -85,11 +85,55 @@ def _log(msg: str) -> None:
 @click.option("--save-steps", type=int, default=0, show_default=True, help="0: at the end only.")
 @click.option("--logging-steps", type=int, default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--method",
+    default="adapter",
+    show_default=True,
+    help="adapter (train what --adapter says) or readme (a Read-ME model's router and "
+    "backbone in alternating rounds; docs/readme-me.md).",
+)
+@click.option("--rounds", type=int, default=5, show_default=True, help="readme: rounds.")
+@click.option(
+    "--router-steps", type=int, default=100, show_default=True, help="readme: router steps a round."
+)
+@click.option(
+    "--backbone-steps",
+    type=int,
+    default=200,
+    show_default=True,
+    help="readme: backbone steps a round.",
+)
+@click.option(
+    "--router-lr", type=float, default=1e-4, show_default=True, help="readme: router AdamW lr."
+)
+@click.option(
+    "--lr-decay",
+    type=float,
+    default=0.8,
+    show_default=True,
+    help="readme: both learning rates are multiplied by this each round.",
+)
+@click.option(
+    "--router-kl-weight",
+    type=float,
+    default=0.25,
+    show_default=True,
+    help="readme: router loss = (1-w) CE(hard label) + w KL(soft target || router).",
+)
+@click.option(
+    "--dense",
+    default=None,
+    help="readme: the dense model whose activations label tokens (default: the one the "
+    "model's upcycle.json names).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train(model, out, quiet, **options):
     """Fine-tune MODEL (an adapter, every weight or the routers) on --data; write the run to OUT.
+
+    --method readme trains a Read-ME model (`upcycle convert --method readme`): its pre-gating
+    router and its backbone in alternating rounds (docs/readme-me.md).
 
     The final weights land at the root of OUT: an adapter (adapter_config.json,
     adapter_model.safetensors: load it with peft after `import upcycle.adapters`), the whole
@@ -105,7 +149,9 @@ def train(model, out, quiet, **options):
     final = run_train(TrainOptions(model=model, out=out, progress=not quiet, **options), log=_log)
     import os
 
-    if int(os.environ.get("RANK", "0")) == 0 and not quiet:
+    if int(os.environ.get("RANK", "0")) == 0 and not quiet and options["method"] == "readme":
+        click.echo(_readme_summary(out, final))
+    elif int(os.environ.get("RANK", "0")) == 0 and not quiet:
         parts = [f"wrote {out}", f"  final loss {final.get('lm_loss', float('nan')):.4f}"]
         if "eval_loss" in final:
             before = final.get("eval_loss_before")
@@ -115,6 +161,23 @@ def train(model, out, quiet, **options):
             )
         parts.append(f"  {final.get('tokens_per_s', 0):.0f} tokens/s")
         click.echo("\n".join(parts))
+
+
+def _readme_summary(out: str, final: dict) -> str:
+    parts = [f"wrote {out}"]
+    for key, label in (
+        ("eval_router_accuracy", "held-out router accuracy"),
+        ("eval_router_ce", "held-out router CE"),
+        ("eval_loss", "held-out loss"),
+        ("eval_ppl", "held-out perplexity"),
+    ):
+        if key in final:
+            before = final.get(f"{key}_before")
+            parts.append(
+                f"  {label} {final[key]:.4f}"
+                + (f" (before training {before:.4f})" if before is not None else "")
+            )
+    return "\n".join(parts)
 
 
 @cli.command()

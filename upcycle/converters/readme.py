@@ -103,7 +103,8 @@ def activation_scores(dense_model, ids, member: np.ndarray, batch_size: int = 4)
 
     def hook(i):
         def fn(_m, a):
-            s = a[0].detach().abs().float().reshape(-1, a[0].shape[-1]) @ weights[i]
+            h = a[0].detach().abs().float().reshape(-1, a[0].shape[-1])
+            s = h @ weights[i].to(h.device)
             acc["s"] = s if i == 0 else acc["s"] + s
 
         return fn

@@ -258,7 +258,8 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, acc) -> float:
 
 def train(opts: TrainOptions, log=None) -> dict:
     """Train opts.adapter (a peft adapter, the whole model or its routers; see
-    `upcycle.train.modes`) on opts.data; returns the final metrics. See the module docstring."""
+    `upcycle.train.modes`) on opts.data; returns the final metrics. See the module docstring.
+    `--method readme` runs `upcycle.train.readme` instead."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft import PeftModel  # noqa: F401
@@ -270,6 +271,10 @@ def train(opts: TrainOptions, log=None) -> dict:
 
     opts.validate()
     log = log or (lambda m: print(m, file=sys.stderr))
+    if opts.method == "readme":  # Read-ME's router and backbone rounds
+        from upcycle.train.readme import train_readme
+
+        return train_readme(opts, log=log)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     say = log if main else (lambda m: None)
@@ -502,11 +507,16 @@ def _truncate_metrics(path: str, step: int) -> None:
 
 
 def _check_trajectory(opts: TrainOptions, state: dict) -> None:
-    """--resume continues the same run: the options that shape it must not change."""
+    """--resume continues the same run: the options that shape it must not change. An option
+    the checkpoint does not record (it predates the option) must be at its default."""
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(TrainOptions)}
     saved = state.get("options") or {}
     for k, v in opts.trajectory().items():
-        if k not in ("model", "out") and saved.get(k) != v:
-            raise OptionError(f"--resume: option {k} was {saved.get(k)!r} and is now {v!r}")
+        was = saved.get(k, defaults.get(k))
+        if k not in ("model", "out") and was != v:
+            raise OptionError(f"--resume: option {k} was {was!r} and is now {v!r}")
 
 
 def _is_weight_file(name: str) -> bool:

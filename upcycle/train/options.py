@@ -7,6 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from upcycle.errors import OptionError
 
 ADAPTERS = ("mixlora", "lora", "experts-lora", "full", "router")
+METHODS = ("adapter", "readme")  # adapter: train what --adapter says; readme: upcycle.train.readme
 WEIGHT_MODES = ("full", "router")  # train the model's own weights: no LoRA, no quantized base
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -42,6 +43,30 @@ RESUMABLE = {
     "max_eval_blocks",
     "trim_memory",
     "checkpoint_ffn",
+    "dense",
+}
+
+# Options of --method readme (name -> default), refused by the other methods when changed.
+README_ONLY = {
+    "rounds": 5,
+    "router_steps": 100,
+    "backbone_steps": 200,
+    "router_lr": 1e-4,
+    "lr_decay": 0.8,
+    "router_kl_weight": 0.25,
+    "dense": None,
+}
+# Options that --method readme does not use: name -> how the command line spells it.
+NOT_README = {
+    **LORA_ONLY,
+    "adapter": "--adapter",
+    "max_steps": "--max-steps",
+    "epochs": "--epochs",
+    "schedule": "--schedule",
+    "warmup_steps": "--warmup-steps",
+    "eval_steps": "--eval-steps",
+    "router_aux_loss_coef": "--router-aux-loss-coef",
+    "checkpoint_ffn": "--checkpoint-ffn",
 }
 
 
@@ -86,11 +111,22 @@ class TrainOptions:
     save_steps: int = 0
     logging_steps: int = 1
     seed: int = 0
+    method: str = "adapter"
+    rounds: int = 5
+    router_steps: int = 100
+    backbone_steps: int = 200
+    router_lr: float = 1e-4
+    lr_decay: float = 0.8
+    router_kl_weight: float = 0.25
+    dense: str | None = None
     resume: bool = False
     force: bool = False
     progress: bool = True
 
     def validate(self) -> None:
+        if self.method not in METHODS:
+            raise OptionError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
+        self._validate_method()
         if self.adapter not in ADAPTERS:
             raise OptionError(
                 f"unknown --adapter {self.adapter!r}; choose from {', '.join(ADAPTERS)}"
@@ -130,6 +166,33 @@ class TrainOptions:
             for name, default in (("expert_view", "copy"), ("granularity", 1)):
                 if getattr(self, name) != default:
                     raise OptionError(f"--{name.replace('_', '-')} applies to --adapter mixlora")
+
+    def _validate_method(self) -> None:
+        """--method readme: its schedule options, and no option it does not use."""
+        if self.method != "readme":
+            for name, default in README_ONLY.items():
+                if getattr(self, name) != default:
+                    flag = "--" + name.replace("_", "-")
+                    raise OptionError(f"{flag} applies to --method readme")
+            return
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        for name, flag in NOT_README.items():
+            if getattr(self, name) != defaults[name]:
+                raise OptionError(f"{flag} does not apply to --method readme")
+        if self.rounds < 1:
+            raise OptionError(f"--rounds must be at least 1, got {self.rounds}")
+        for name in ("router_steps", "backbone_steps"):
+            if getattr(self, name) < 0:
+                flag = "--" + name.replace("_", "-")
+                raise OptionError(f"{flag} must not be negative, got {getattr(self, name)}")
+        if self.router_steps == 0 and self.backbone_steps == 0:
+            raise OptionError("--router-steps and --backbone-steps are both 0: nothing to train")
+        if not self.router_lr > 0:
+            raise OptionError(f"--router-lr must be positive, got {self.router_lr}")
+        if not 0 < self.lr_decay <= 1:
+            raise OptionError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+        if not 0 <= self.router_kl_weight <= 1:
+            raise OptionError(f"--router-kl-weight must be in [0, 1], got {self.router_kl_weight}")
 
     @property
     def modules(self) -> list[str]:
