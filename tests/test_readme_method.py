@@ -179,3 +179,18 @@ def test_eval_reports_the_pre_gate_routing(converted, cli):
     layers = routing["layers"]
     assert [x["layer"] for x in layers] == [0, 1] and layers[0]["load"] == layers[1]["load"]
     assert abs(sum(layers[0]["load"]) - 1) < 1e-6 and layers[0]["tokens"] == 256
+
+
+def test_router_mode_trains_the_pre_gate_only(converted, cli, tmp_path):
+    """upcycle train --adapter router on a Read-ME model trains its pre-gating transformer with
+    the LM loss (everything else frozen); merge writes it back."""
+    from test_train import write_data
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    r = cli("train", converted, run, "--data", write_data(tmp_path), "--adapter", "router",
+            "--max-steps", "2", "--lr", "0.05", "--seq-len", "16", "--batch-size", "4", "-q")  # fmt: skip
+    assert r.code == 0, r.err
+    assert cli("merge", run, out, "-q").code == 0
+    got, before = _weights(str(out)), _weights(converted)
+    changed = {n for n in before if not torch.equal(got[n], before[n])}
+    assert changed and all(n.startswith("model.router.") for n in changed)

@@ -288,3 +288,13 @@ def test_router_parameters_follow_the_module_name_rule():
         "mlp.gate.weight",
         "mlp.shared_expert_gate.weight",
     ]
+    pregate = nn.Module()  # Read-ME: every parameter of the pre-gating transformer
+    pregate.router = nn.Module()
+    pregate.router.head = nn.Linear(4, 2, bias=False)
+    pregate.router.layers = nn.ModuleList([nn.Linear(4, 4)])
+    pregate.layers = nn.ModuleList([nn.Linear(4, 4)])
+    assert router_parameters(pregate) == [
+        "router.head.weight",
+        "router.layers.0.weight",
+        "router.layers.0.bias",
+    ]

@@ -179,6 +179,11 @@ class UpcycleReadmeModel(UpcycleReadmePreTrainedModel, MixtralModel):
 
     def route(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """(indices, weights), each (B, T, top_k): the experts every layer uses for each token."""
+        return route(self.router_logits(input_ids, attention_mask, position_ids, cache),
+                     self.config.num_experts_per_tok)  # fmt: skip
+
+    def router_logits(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """The pre-gate's (B, T, E) logits, run with its own KV cache kept on `cache`."""
         router_cache = None
         if cache is not None:
             router_cache = getattr(cache, _ROUTER_CACHE, None)
@@ -189,8 +194,7 @@ class UpcycleReadmeModel(UpcycleReadmePreTrainedModel, MixtralModel):
             past = router_cache.get_seq_length() if router_cache is not None else 0
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device) + past
             position_ids = position_ids.unsqueeze(0)
-        logits = self.router(input_ids, attention_mask, position_ids, router_cache)
-        return route(logits, self.config.num_experts_per_tok)
+        return self.router(input_ids, attention_mask, position_ids, router_cache)
 
     def forward(
         self,
@@ -209,17 +213,20 @@ class UpcycleReadmeModel(UpcycleReadmePreTrainedModel, MixtralModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        routing = self.route(input_ids, attention_mask, position_ids, cache)
-        return super().forward(
+        logits = self.router_logits(input_ids, attention_mask, position_ids, cache)
+        out = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            expert_routing=routing,
+            expert_routing=route(logits, self.config.num_experts_per_tok),
             **kwargs,
         )
+        if kwargs.get("output_router_logits"):  # one router for all layers: its balance loss
+            out.router_logits = (logits.reshape(-1, logits.shape[-1]),)
+        return out
 
 
 class UpcycleReadmeForCausalLM(UpcycleReadmePreTrainedModel, MixtralForCausalLM):

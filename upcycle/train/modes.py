@@ -101,11 +101,13 @@ def attach_adapter(model, config):
 def router_parameters(model) -> list[str]:
     """Names of the parameters of modules named gate (not gate_proj), router or
     shared_expert_gate: Mixtral's and Qwen-MoE's `mlp.gate`, Qwen-MoE's `mlp.shared_expert_gate`,
-    BAM's attention `self_attn.router`."""
+    BAM's attention `self_attn.router`; and every parameter inside a module named router
+    (Read-ME's pre-gating transformer `model.router`)."""
     return [
         name
         for name, _ in model.named_parameters()
-        if "." in name and name.rsplit(".", 2)[-2] in ROUTER_MODULES
+        if "." in name
+        and (name.rsplit(".", 2)[-2] in ROUTER_MODULES or "router" in name.split(".")[:-2])
     ]
 
 

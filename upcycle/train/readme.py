@@ -363,7 +363,7 @@ def train_readme(opts: TrainOptions, log=None) -> dict:
     model.to(device)
     model.config.use_cache = False
     if hasattr(model.config, "output_router_logits"):
-        model.config.output_router_logits = False  # the pre-gate has no balance loss
+        model.config.output_router_logits = False  # backbone rounds: the LM loss only
     blocks, eval_blocks = load_data(opts, tokenizer)
     per_step = opts.batch_size * opts.grad_accum
     if len(blocks) < per_step:
