@@ -68,6 +68,14 @@ def _kmeans(points: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarra
     return labels
 
 
+WIDTH_MULTIPLE = 8  # torch's grouped_mm wants 16-byte strides: 8 bf16 or 4 fp32 neurons
+
+
+def _aligned(width: int) -> int:
+    """`width` rounded up to WIDTH_MULTIPLE (the extra neurons are zero, so they add nothing)."""
+    return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
 def membership(experts: list[list[np.ndarray]], intermediate: int) -> np.ndarray:
     """(L, I, E) float32 0/1: whether dense neuron j of layer l belongs to expert e."""
     member = np.zeros((len(experts), intermediate, len(experts[0])), dtype=np.float32)
@@ -287,9 +295,9 @@ class ReadmeMethod:
             "intermediate_size": inter,
             "blocks_per_domain": np.bincount(domain, minlength=E).tolist(),
             "keep": keep,
-            "residual_width": max(len(r) for r in self._residual),
+            "residual_width": _aligned(max(len(r) for r in self._residual)),
             "residual_widths": [len(r) for r in self._residual],
-            "expert_width": max(1, max(len(x) for e in self._experts for x in e)),
+            "expert_width": _aligned(max(1, max(len(x) for e in self._experts for x in e))),
             "label_share": np.bincount(labels, minlength=E).astype(float) / len(labels),
             "router_train_accuracy": self._accuracy,
         }

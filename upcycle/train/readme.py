@@ -395,8 +395,7 @@ def train_readme(opts: TrainOptions, log=None) -> dict:
             f"readme: activation labels of {len(rows) + n_eval} blocks "
             f"({(len(rows) + n_eval) * opts.seq_len} tokens) from {dense_path} ..."
         )
-        # on the CPU: activation_scores keeps the expert masks there
-        dense = _load_dense(dense_path, torch.device("cpu"))
+        dense = _load_dense(dense_path, device)
         train_hard, train_soft = compute_labels(dense, blocks, rows, member, opts.batch_size)
         eval_hard, eval_soft = (
             compute_labels(dense, eval_blocks, list(range(n_eval)), member, opts.batch_size)
