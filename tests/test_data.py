@@ -166,6 +166,119 @@ def test_resolve_texts_aliases_and_paths(tmp_path):
         builtin_corpus("heldout", "math")
 
 
+def test_builtin_manual_domain():
+    """builtin:manual: pydoc's topics, split like the other domains, sharing no text with them."""
+    held = builtin_corpus("heldout", "manual")
+    cal = builtin_corpus("calibration", "manual")
+    everything = builtin_corpus("all", "manual")
+    assert held and cal
+    assert not set(held) & set(cal)
+    assert sorted(held + cal) == sorted(everything)
+    assert len(set(everything)) == len(everything)
+    held_chars, all_chars = sum(map(len, held)), sum(map(len, everything))
+    assert all_chars >= 100_000
+    assert 0.1 < held_chars / all_chars < 0.35
+    assert all(len(t) >= data.MIN_DOC_CHARS for t in everything)
+    assert any(t.startswith('The "assert" statement\n****') for t in everything)
+    others = set(builtin_corpus("all", "prose")) | set(builtin_corpus("all", "code"))
+    assert not set(everything) & others
+    # no section body in both splits (topics repeat sections of other topics)
+    bodies = {
+        split: "\x00".join(builtin_corpus(split, "manual")) for split in ("heldout", "calibration")
+    }
+    for text in held:
+        body = text.split("\n\n", 1)[-1]
+        if len(body) > 200:
+            assert body not in bodies["calibration"]
+
+
+def test_builtin_aliases_and_domain_sequences():
+    """`builtin` stays prose + code; builtin:all and sequences combine domains in DOMAINS order."""
+    assert data.DOMAINS == ("prose", "code", "manual")
+    prose, code, manual = (builtin_corpus("heldout", d) for d in data.DOMAINS)
+    assert sorted(builtin_corpus("heldout")) == sorted(prose + code)
+    assert resolve_texts("builtin") == builtin_corpus("heldout")
+    assert resolve_texts("builtin:manual", "calibration") == builtin_corpus("calibration", "manual")
+    every = resolve_texts("builtin:all")
+    assert sorted(every) == sorted(prose + code + manual)
+    assert every[len(prose) + len(code) :] == manual  # the manual follows the stdlib documents
+    assert builtin_corpus("heldout", ["manual"]) == manual
+    assert sorted(builtin_corpus("heldout", ("manual", "prose"))) == sorted(prose + manual)
+    for alias in data.DATA_ALIASES:  # every alias resolves, for every split
+        for split in data.SPLITS:
+            assert resolve_texts(alias, split)
+    with pytest.raises(OptionError, match="unknown domain 'poetry'"):
+        builtin_corpus("heldout", ("manual", "poetry"))
+    with pytest.raises(OptionError, match="no domain given"):
+        builtin_corpus("heldout", ())
+    with pytest.raises(OptionError, match="builtin:manual"):  # the choices name the new alias
+        resolve_texts("builtin:manuals")
+
+
+def test_builtin_manual_is_read_not_imported_and_deterministic():
+    def digest(texts):
+        return hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+
+    expected = digest(builtin_corpus("heldout", "manual"))
+    data._manual_documents.cache_clear()
+    assert digest(builtin_corpus("heldout", "manual")) == expected
+    code = (
+        "import hashlib, sys; from upcycle.data import builtin_corpus; "
+        "t = builtin_corpus('heldout', 'manual'); "
+        "print(hashlib.sha256('\\x00'.join(t).encode()).hexdigest(), "
+        "'pydoc_data.topics' in sys.modules)"
+    )
+    env = {**python_env(), "PYTHONHASHSEED": "54321"}
+    out = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected, "False"]
+
+
+def test_builtin_manual_missing_or_malformed(tmp_path, monkeypatch):
+    """A Python without pydoc_data (or with an unreadable one): one-line InputError."""
+    monkeypatch.setattr(data, "MANUAL_FILE", ("no_such_pydoc_data", "topics.py"))
+    data._manual_documents.cache_clear()
+    try:
+        with pytest.raises(InputError, match=r"builtin:manual: no readable topics dict in .*"):
+            builtin_corpus("heldout", "manual")
+        with pytest.raises(InputError, match="builtin:manual"):
+            resolve_texts("builtin:all")
+        assert resolve_texts("builtin:prose")  # the other domains do not need it
+    finally:
+        data._manual_documents.cache_clear()
+    for content in ("topics = [1, 2]\n", "topics = {'a': f(1)}\n", "topics = {\n", "x = 1\n"):
+        path = write(tmp_path, "topics.py", content)
+        assert data._read_topics(path) == {}
+    path = write(tmp_path, "topics.py", "# c\ntopics = {'b': 'B text', 'a': 'A', 3: 'x'}\n")
+    assert data._read_topics(path) == {"b": "B text", "a": "A"}
+
+
+def test_manual_sections():
+    text = (
+        "\nPreface line before any title, long enough to count as text.\n\n"
+        'The "if" statement\n'
+        "******************\n\n"
+        "Body of if.\n\n"
+        "   if x:\n       pass\n\n"
+        "Sub part\n"
+        "========\n\n"
+        "Sub body.\n"
+        "Not a title\n"
+        "-----\n"
+        "Empty\n"
+        "~~~~~\n"
+    )
+    sections = data._manual_sections(text)
+    assert [(t, h) for t, h, _ in sections] == [
+        ("", ""),
+        ('The "if" statement', 'The "if" statement\n******************\n\n'),
+        ("Sub part", "Sub part\n========\n\n"),
+        ("Empty", "Empty\n~~~~~\n\n"),
+    ]
+    assert sections[1][2] == "Body of if.\n\n   if x:\n       pass"
+    assert sections[2][2] == "Sub body.\nNot a title\n-----"  # underline of another length
+    assert sections[3][2] == ""
+
+
 # ---------------------------------------------------------------- token blocks
 
 

@@ -1,9 +1,20 @@
 """Text data for calibration, evaluation and training: user files, a built-in corpus, token blocks.
 
-Wherever a data path is accepted, ``builtin`` (``builtin:prose``, ``builtin:code``) names the
-built-in corpus instead: docstrings (prose) and source code (code) of a fixed list of Python
-standard-library modules, read with ``ast`` from the installed ``.py`` files (nothing is
-imported). It is deterministic for a given Python version and needs no download.
+Wherever a data path is accepted, ``builtin`` names the built-in corpus instead, in three
+domains that differ in style:
+
+- ``builtin:prose``: docstrings of a fixed list of Python standard-library modules;
+- ``builtin:code``: the source code of those modules, docstrings removed;
+- ``builtin:manual``: the Python language reference and library topics that ``help()`` shows
+  (the ``topics`` dict of the standard library's ``pydoc_data/topics.py``), one document per
+  section, long sections cut at blank lines.
+
+``builtin`` alone is prose and code (as before the manual was added, so recorded results keep
+their data); ``builtin:all`` is all three domains. Everything is read with ``ast`` from the
+installed ``.py`` files (nothing is imported), is deterministic for a given Python version and
+needs no download. Each domain is split by a hash of a key (module and top-level definition;
+manual section title) into a held-out part (about 20%) and a calibration part (the rest) that
+share no text; training on ``builtin...`` uses the calibration part, evaluation the held-out one.
 
 User files (see :func:`load_texts`):
 
@@ -30,8 +41,16 @@ from collections.abc import Iterable, Sequence
 from upcycle.errors import InputError, OptionError
 
 SPLITS = ("heldout", "calibration", "all")
-DOMAINS = ("prose", "code")
-DATA_ALIASES = {"builtin": None, "builtin:prose": "prose", "builtin:code": "code"}
+DOMAINS = ("prose", "code", "manual")
+DEFAULT_DOMAINS = ("prose", "code")  # `builtin` and domain=None: the corpus before the manual
+# alias -> the `domain` argument of builtin_corpus (None: DEFAULT_DOMAINS)
+DATA_ALIASES = {
+    "builtin": None,
+    "builtin:prose": "prose",
+    "builtin:code": "code",
+    "builtin:manual": "manual",
+    "builtin:all": DOMAINS,
+}
 HELDOUT_PERCENT = 20  # documents whose key hashes below this go to "heldout", the rest calibrate
 
 # Fixed and sorted, so the corpus does not depend on what a process happened to import.
@@ -95,6 +114,9 @@ BUILTIN_MODULES = (
 )
 MIN_DOC_CHARS = 40
 MAX_CODE_CHARS = 4000  # longer source segments are cut at blank lines
+MAX_MANUAL_CHARS = 4000  # longer manual sections are cut at blank lines
+MANUAL_FILE = ("pydoc_data", "topics.py")  # under the stdlib folder; `topics = {name: text}`
+_HEADING_MARKS = "*=-~^"  # reST-style underlines of the manual's section titles
 
 
 # ---------------------------------------------------------------- user files
@@ -224,30 +246,55 @@ def _content(value, where: str) -> str:
 # ---------------------------------------------------------------- built-in corpus
 
 
-def builtin_corpus(split: str = "heldout", domain: str | None = None) -> list[str]:
-    """Deterministic documents from the standard library: docstrings and source code.
+def builtin_corpus(split: str = "heldout", domain: str | Sequence[str] | None = None) -> list[str]:
+    """Deterministic documents from the standard library: docstrings, source code, the manual.
 
     split: "heldout" (about 20%), "calibration" (the other 80%) or "all". Documents are assigned
-      by a hash of their module and top-level definition, so the docstrings and the code of one
-      function or class always fall in the same split and the two splits share no text.
-    domain: "prose" (docstrings), "code" (source with docstrings removed) or None (both).
+      by a hash of a key: for prose and code their module and top-level definition, so the
+      docstrings and the code of one function or class always fall in the same split; for the
+      manual its section title, so a section that appears under several topics falls in one
+      split. The two splits share no text.
+    domain: "prose" (docstrings), "code" (source with docstrings removed), "manual" (the
+      language reference and library topics of ``pydoc_data.topics``), a sequence of these, or
+      None for prose and code. Documents come in a fixed order whatever the sequence's order:
+      prose and code module by module, then the manual.
     """
     if split not in SPLITS:
         raise OptionError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
-    if domain is not None and domain not in DOMAINS:
-        raise OptionError(f"unknown domain {domain!r} (choose from {', '.join(DOMAINS)})")
-    docs = _stdlib_documents()
-    if not docs:
-        raise InputError("built-in corpus: no standard-library sources found on this Python")
+    wanted = _domains(domain)
+    docs: list[tuple[str, bool, str]] = []
+    if "prose" in wanted or "code" in wanted:
+        stdlib = _stdlib_documents()
+        if not stdlib:
+            raise InputError("built-in corpus: no standard-library sources found on this Python")
+        docs.extend(stdlib)
+    if "manual" in wanted:
+        manual = _manual_documents()
+        if not manual:
+            where = os.path.join(sysconfig.get_paths()["stdlib"], *MANUAL_FILE)
+            raise InputError(f"builtin:manual: no readable topics dict in {where}")
+        docs.extend(manual)
     return [
         text
         for dom, heldout, text in docs
-        if (domain is None or dom == domain) and (split == "all" or heldout == (split == "heldout"))
+        if dom in wanted and (split == "all" or heldout == (split == "heldout"))
     ]
 
 
+def _domains(domain: str | Sequence[str] | None) -> tuple[str, ...]:
+    if domain is None:
+        return DEFAULT_DOMAINS
+    names = (domain,) if isinstance(domain, str) else tuple(domain)
+    for name in names:
+        if name not in DOMAINS:
+            raise OptionError(f"unknown domain {name!r} (choose from {', '.join(DOMAINS)})")
+    if not names:
+        raise OptionError(f"no domain given (choose from {', '.join(DOMAINS)})")
+    return names
+
+
 def resolve_texts(spec: str, split: str = "heldout") -> list[str]:
-    """``builtin``/``builtin:prose``/``builtin:code`` -> the built-in corpus split; else a file.
+    """A ``builtin`` alias (see DATA_ALIASES) -> the built-in corpus split; else a file.
 
     `split` applies to the built-in corpus only: a user file is used whole.
     """
@@ -293,6 +340,81 @@ def _stdlib_documents() -> tuple[tuple[str, bool, str], ...]:
                 seen.add(text)
                 docs.append((dom, _is_heldout(key), text))
     return tuple(docs)
+
+
+@functools.lru_cache(maxsize=1)
+def _manual_documents() -> tuple[tuple[str, bool, str], ...]:
+    """("manual", is_heldout, text) for every section of the stdlib's pydoc topics, in order.
+
+    The ``topics`` dict is read with ``ast.literal_eval`` from ``pydoc_data/topics.py`` (never
+    imported). Topics are taken in sorted order and cut into sections at their underlined
+    titles. Sections with a body under MIN_DOC_CHARS characters are dropped; a section whose
+    body already appeared is kept once (several topics repeat sections of others:
+    "customization" is a section of "specialnames"). Sections longer than MAX_MANUAL_CHARS are
+    cut at blank lines, and every piece takes its section's split (decided by the title, or by
+    the topic's name for text before its first title). Empty when the file is missing or holds
+    no such dict (some distributions strip pydoc_data).
+    """
+    topics = _read_topics(os.path.join(sysconfig.get_paths()["stdlib"], *MANUAL_FILE))
+    docs, seen, pieces = [], set(), set()
+    for name in sorted(topics):
+        for title, heading, body in _manual_sections(topics[name]):
+            if len(body) < MIN_DOC_CHARS or body in seen:
+                continue
+            seen.add(body)
+            key = f"pydoc_data.topics:{title or name}"
+            for piece in _cut(heading + body, MAX_MANUAL_CHARS):
+                if len(piece) >= MIN_DOC_CHARS and piece not in pieces:
+                    pieces.add(piece)  # a repeated piece would otherwise land in both splits
+                    docs.append(("manual", _is_heldout(key), piece))
+    return tuple(docs)
+
+
+def _read_topics(path: str) -> dict[str, str]:
+    """The ``topics = {...}`` dict of a pydoc_data/topics.py file; {} if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return {}
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "topics" for t in node.targets)
+            and isinstance(node.value, ast.Dict)
+        ):
+            try:
+                topics = ast.literal_eval(node.value)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                return {}
+            return {k: v for k, v in topics.items() if isinstance(k, str) and isinstance(v, str)}
+    return {}
+
+
+def _manual_sections(text: str) -> list[tuple[str, str, str]]:
+    """(title, heading lines, body) per section; a title is a line underlined by one of
+    _HEADING_MARKS repeated to the title's length. Text before the first title is a section
+    titled ""; bodies are stripped of surrounding blank lines."""
+    lines = text.strip("\n").split("\n")
+    sections: list[tuple[str, str, list[str]]] = []
+    title, heading, body = "", "", []
+    i = 0
+    while i < len(lines):
+        line, under = lines[i], lines[i + 1] if i + 1 < len(lines) else ""
+        if (
+            line.strip()
+            and len(under) == len(line)
+            and under[0] in _HEADING_MARKS
+            and under == under[0] * len(under)
+        ):
+            sections.append((title, heading, body))
+            title, heading, body = line.strip(), f"{line}\n{under}\n\n", []
+            i += 2
+            continue
+        body.append(line)
+        i += 1
+    sections.append((title, heading, body))
+    return [(t, h, "\n".join(b).strip("\n")) for t, h, b in sections if h or "".join(b).strip()]
 
 
 def _docstring_nodes(node) -> Iterable[tuple[ast.AST, ast.Expr]]:

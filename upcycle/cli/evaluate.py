@@ -27,7 +27,7 @@ def _log(msg: str) -> None:
 @click.option(
     "--data",
     required=True,
-    help="Text/JSONL file, or builtin (builtin:prose, builtin:code) for the stdlib corpus.",
+    help="Text/JSONL file, or builtin (builtin:prose, :code, :manual, :all) for the stdlib corpus.",
 )
 @click.option(
     "--split",

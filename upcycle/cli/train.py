@@ -15,7 +15,11 @@ def _log(msg: str) -> None:
 @click.argument("model")
 @click.argument("out")
 @config_option
-@click.option("--data", required=True, help="Training text: a text or JSONL file, or builtin.")
+@click.option(
+    "--data",
+    required=True,
+    help="Training text: a text or JSONL file, or builtin (builtin:prose, :code, :manual, :all).",
+)
 @click.option("--eval-data", default=None, help="Held-out text (default: split from --data).")
 @click.option(
     "--eval-fraction",
