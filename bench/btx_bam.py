@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from measure import log, thread_env
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 WORK = ROOT / "bench" / "work" / "btx_bam"
@@ -55,7 +57,6 @@ DOMAINS = ("prose", "code", "manual")
 MODES = ("experts-lora", "full", "router")
 DEFAULT_LR = {"experts-lora": 1e-3, "router": 1e-3, "full": 5e-5}
 PROMPTS_PER_DOMAIN, PROMPT_CHARS = 16, 400
-T0 = time.perf_counter()
 
 
 def set_paths(work: Path, results: Path) -> None:
@@ -63,21 +64,8 @@ def set_paths(work: Path, results: Path) -> None:
     WORK, RESULTS = work, results
 
 
-def log(msg: str) -> None:
-    elapsed = time.perf_counter() - T0
-    print(f"[{time.strftime('%H:%M:%S')} +{elapsed / 60:5.1f} min] {msg}", flush=True)
-
-
 def env(threads: int) -> dict:
-    n = str(threads)
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": n,
-        "MKL_NUM_THREADS": n,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    return thread_env(threads)
 
 
 def sh(args: list, threads: int, check: bool = True) -> tuple[str, float]:

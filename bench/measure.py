@@ -8,9 +8,33 @@ process started with -I -S: the benchmark script's own memory never counts.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+T0 = time.perf_counter()  # when the benchmark script started (this module's import)
+
+
+def log(msg: str) -> None:
+    """A progress line with the wall time and the minutes since the script started."""
+    elapsed = time.perf_counter() - T0
+    print(f"[{time.strftime('%H:%M:%S')} +{elapsed / 60:5.1f} min] {msg}", flush=True)
+
+
+def thread_env(threads: int) -> dict:
+    """The environment for a measured subprocess: `threads` BLAS/OpenMP threads, offline."""
+    n = str(threads)
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
 
 _HELPER = r"""
 import json, os, subprocess, sys, time

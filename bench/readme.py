@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from measure import log, thread_env
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -56,21 +57,8 @@ RESULTS = ROOT / "bench" / "results" / "readme.json"
 T0 = time.perf_counter()
 
 
-def log(msg: str) -> None:
-    elapsed = time.perf_counter() - T0
-    print(f"[{time.strftime('%H:%M:%S')} +{elapsed / 60:5.1f} min] {msg}", flush=True)
-
-
 def env(threads: int) -> dict:
-    n = str(threads)
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": n,
-        "MKL_NUM_THREADS": n,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    return thread_env(threads)
 
 
 def upcycle(*args) -> list[str]:
