@@ -47,6 +47,16 @@ def test_yaml_config_and_override(cli, tiny, tmp_path):
     assert json.load(open(os.path.join(out, "upcycle.json")))["options"]["router_init"] == "zeros"
 
 
+def test_yaml_gives_a_repeatable_option_once_or_as_a_list(cli, tiny, tmp_path):
+    """calibration-data (repeatable since readme) may be one value or a list in YAML."""
+    src = tiny("llama")
+    for i, value in enumerate(("builtin", "[builtin]")):
+        cfg = tmp_path / f"c{i}.yaml"
+        cfg.write_text(f"method: granular\ngranularity: 4\ncalibration-data: {value}\n")
+        r = cli("convert", src, str(tmp_path / f"o{i}"), "--config", str(cfg), "--dry-run")
+        assert r.code == 0, r.err
+
+
 def test_summary_and_quiet(cli, tiny, tmp_path):
     src = tiny("llama")
     r = cli("convert", src, str(tmp_path / "a"))

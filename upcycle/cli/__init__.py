@@ -30,12 +30,14 @@ def _load_yaml_config(ctx: click.Context, _param, path: str | None):
         raise click.BadParameter(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path}: expected a mapping of option names to values")
-    known = {p.name for p in ctx.command.params}
+    known = {p.name: p for p in ctx.command.params}
     defaults = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known or name == "config":
             raise click.BadParameter(f"{path}: unknown option {key!r}")
+        if getattr(known[name], "multiple", False) and not isinstance(value, list):
+            value = [value]  # a repeatable option given once
         defaults[name] = value
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return path
