@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import logits, save_tiny
+from safetensors.torch import load_file
 from test_bad_input import assert_one_line_error
 from test_btx import _weights
 from transformers import AutoModelForCausalLM
@@ -128,13 +129,14 @@ class NoUpcycle(importlib.abc.MetaPathFinder):
         if name == "upcycle" or name.startswith("upcycle."):
             raise ModuleNotFoundError(f"No module named {name!r}")
 sys.meta_path.insert(0, NoUpcycle())
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 assert "upcycle" not in sys.modules and type(model).__name__ == "UpcycleBamForCausalLM"
 assert model.__module__.startswith("transformers_modules"), model.__module__
 ids = torch.tensor([[1, 5, 9, 3]])
 with torch.no_grad():
-    torch.save(model(ids).logits, sys.argv[2])
+    save_file({"logits": model(ids).logits.contiguous()}, sys.argv[2])
 print(model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1])
 """
 
@@ -145,7 +147,7 @@ def test_loads_with_remote_code_where_upcycle_is_not_installed(models, cli, tmp_
     assert {"configuration_upcycle_bam.py", "modeling_upcycle_bam.py"} <= set(os.listdir(out))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    saved = str(tmp_path / "logits.pt")
+    saved = str(tmp_path / "logits.safetensors")
     r = subprocess.run(
         [sys.executable, "-c", _LOAD_WITHOUT_UPCYCLE, out, saved],
         capture_output=True, text=True, env=env, cwd=str(tmp_path),
@@ -153,7 +155,7 @@ def test_loads_with_remote_code_where_upcycle_is_not_installed(models, cli, tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "7"  # 4 prompt tokens + 3 generated
     want = AutoModelForCausalLM.from_pretrained(out).eval()(torch.tensor([[1, 5, 9, 3]])).logits
-    torch.testing.assert_close(torch.load(saved), want.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(load_file(saved)["logits"], want.detach(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import logits, save_tiny
+from safetensors.torch import load_file
 from test_bad_input import assert_one_line_error
 from test_bam import _LOAD_WITHOUT_UPCYCLE
 from test_btx import _weights
@@ -125,7 +126,7 @@ def test_one_dataset_is_clustered_into_domains(dense, cli, tmp_path):
 def test_loads_with_remote_code_where_upcycle_is_not_installed(converted, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    saved = str(tmp_path / "logits.pt")
+    saved = str(tmp_path / "logits.safetensors")
     r = subprocess.run(
         [sys.executable, "-c", _LOAD_WITHOUT_UPCYCLE.replace("UpcycleBam", "UpcycleReadme"),
          converted, saved],
@@ -133,7 +134,7 @@ def test_loads_with_remote_code_where_upcycle_is_not_installed(converted, tmp_pa
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     want = AutoModelForCausalLM.from_pretrained(converted).eval()(torch.tensor([[1, 5, 9, 3]]))
-    torch.testing.assert_close(torch.load(saved), want.logits.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(load_file(saved)["logits"], want.logits.detach(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

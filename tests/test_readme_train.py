@@ -174,14 +174,14 @@ def test_merge_is_standalone_with_the_trained_logits(setup, trained, tmp_path):
         assert (out / name).is_file()
     provenance = json.loads((out / "upcycle.json").read_text())
     assert provenance["method"] == "readme-finetune" and provenance["dense"]
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # registered class
     with torch.no_grad():
         got = model.eval()(input_ids=IDS).logits
     assert (got - want).abs().max() < 1e-5
     # where upcycle is not installed: the folder's own code, same logits
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    saved = tmp_path / "logits.pt"
+    saved = tmp_path / "logits.safetensors"
     script = _LOAD_WITHOUT_UPCYCLE.replace("UpcycleBam", "UpcycleReadme")
     r = subprocess.run(
         [sys.executable, "-c", script, str(out), str(saved)],
@@ -190,7 +190,7 @@ def test_merge_is_standalone_with_the_trained_logits(setup, trained, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([[1, 5, 9, 3]])).logits
-    assert (torch.load(saved) - alone).abs().max() < 1e-6
+    assert (load_file(saved)["logits"] - alone).abs().max() < 1e-6
     r = run_cli("eval", out, "--data", setup["args"][3], "--seq-len", "16", "--json", "-q")
     assert r.code == 0, r.err
     assert json.loads(r.out)["perplexity"] > 1

@@ -248,10 +248,10 @@ def test_custom_architecture_with_auto_map(tmp_path, monkeypatch):
     ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     seen = spy_on_final_model(monkeypatch, ids)
     run = tmp_path / "run"
-    r = run_cli(
-        "train", base, run, "--data", data, "--adapter", "router", "--lr", "0.1",
-        "--max-steps", "2", *ARGS,
-    )  # fmt: skip
+    args = ["--data", data, "--adapter", "router", "--lr", "0.1", "--max-steps", "2", *ARGS]
+    refused = run_cli("train", base, tmp_path / "refused", *args)
+    assert_one_line_error(refused, "pass --trust-remote-code")
+    r = run_cli("train", base, run, *args, "--trust-remote-code")
     assert r.code == 0, r.err
     # custom code gets no load-time renaming: the routers keep their in-memory names
     assert set(load_file(run / "routers.safetensors")) == {

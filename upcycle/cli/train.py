@@ -71,6 +71,12 @@ def _log(msg: str) -> None:
 @click.option("--dtype", default="float32", show_default=True, help="float32 or bfloat16.")
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Run the Python code a MODEL folder ships (auto_map) when its architecture is not "
+    "one upcycle or transformers knows.",
+)
+@click.option(
     "--checkpoint-ffn",
     is_flag=True,
     help="With --gradient-checkpointing, keep fused MixLoRA FFNs inside the checkpoints too "

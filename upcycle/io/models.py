@@ -3,9 +3,10 @@
 A folder whose config.json has `auto_map` names custom code shipped next to its weights (for
 example a BAM model that `upcycle convert` wrote). `import upcycle.modeling` registers upcycle's
 own architectures with AutoConfig/AutoModelForCausalLM, so those load from the installed
-package; `trust_remote_code=True` is passed only for an `auto_map` folder whose model_type is
-registered nowhere locally. Every command that loads a model (train, eval, calibrate) goes
-through `load_causal_lm` and `load_tokenizer`.
+package without running any code from the folder. An `auto_map` folder whose model_type is
+registered nowhere locally would run the folder's own Python: that happens only when the user
+asks (`upcycle train --trust-remote-code`); otherwise it is a one-line error. Every command
+that loads a model (train, eval, calibrate) goes through `load_causal_lm` and `load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -61,13 +62,26 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def load_causal_lm(path: str, **kwargs):
-    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` with custom code handled."""
+def _remote(path: str, trust_remote_code: bool) -> bool:
+    """Whether loading `path` runs its own code; refused unless the user asked for it."""
+    remote = needs_remote_code(path)
+    if remote and not trust_remote_code:
+        model_type = read_config(path).get("model_type")
+        raise InputError(
+            f"{path}: model_type {model_type!r} needs the Python code shipped in the folder "
+            "(auto_map); pass --trust-remote-code to run it"
+        )
+    return remote
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`; a folder's own code runs only
+    with `trust_remote_code` (upcycle's architectures never need it)."""
     import warnings
 
     from transformers import AutoModelForCausalLM
 
-    remote = needs_remote_code(path)
+    remote = _remote(path, trust_remote_code)
     try:
         with warnings.catch_warnings():  # zero-width shared experts (copy-upcycled qwen2_moe)
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
@@ -76,11 +90,11 @@ def load_causal_lm(path: str, **kwargs):
         raise InputError(f"{path}: transformers cannot load it ({_first_line(e)})") from None
 
 
-def load_tokenizer(path: str):
-    """`AutoTokenizer.from_pretrained(path)` with custom code handled (one-line errors)."""
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """`AutoTokenizer.from_pretrained(path)`, custom code as in `load_causal_lm`."""
     from transformers import AutoTokenizer
 
-    remote = needs_remote_code(path)
+    remote = _remote(path, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
     except LOAD_ERRORS as e:

@@ -124,8 +124,8 @@ def _load_model(opts: TrainOptions, path: str, tokenizer_path: str | None = None
 
     Checkpoint(path)  # one-line errors for missing or malformed model folders
     hf_logging.disable_progress_bar()  # the run's own log and progress bar say enough
-    model = load_causal_lm(path, **kwargs)
-    tokenizer = load_tokenizer(tokenizer_path or path)
+    model = load_causal_lm(path, trust_remote_code=opts.trust_remote_code, **kwargs)
+    tokenizer = load_tokenizer(tokenizer_path or path, trust_remote_code=opts.trust_remote_code)
     return model, tokenizer
 
 

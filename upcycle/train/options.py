@@ -44,6 +44,7 @@ RESUMABLE = {
     "trim_memory",
     "checkpoint_ffn",
     "dense",
+    "trust_remote_code",
 }
 
 # Options of --method readme (name -> default), refused by the other methods when changed.
@@ -104,6 +105,7 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     checkpoint_ffn: bool = False
     trim_memory: bool = False
+    trust_remote_code: bool = False
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     eval_steps: int = 0
