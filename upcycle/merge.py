@@ -10,6 +10,13 @@
 
 Weights stream one decoder layer at a time through the converter's writer, so memory stays
 at about one layer whatever the model size; the output folder appears only when complete.
+
+Where things are, in file order: `Adapter` (a saved peft folder) and `PatchedCheckpoint` (a
+base whose tensors read with deltas added or replaced); `MixLoraMerge`, the conversion method
+that turns MixLoRA layers into experts; `merge`, the entry point that dispatches on the run's
+kind; `weights_run` / `merge_weights` for full and router runs; `experts_patches` for
+experts-lora runs (stock per-expert or fused layouts, FFN and attention routers);
+`merge_dense` and `write_standalone`, which stream any patched checkpoint to OUT.
 """
 
 from __future__ import annotations

@@ -27,6 +27,12 @@ the permutation stream of `--seed` (the one `--adapter full` draws), router phas
 stream; global phase step g of round r is r * steps + s. So the state of a run is its position
 (round, phase, step in phase), the weights and the phase's optimizer: checkpoints hold those and
 `--resume` continues with the same result as an uninterrupted run.
+
+Where things are, in file order: `ReadmeMode` (what a checkpoint saves and loads) and the batch
+arithmetic (`_draw`, `_positions`, `_router_rows`); the dense source and its labels
+(`dense_source`, `compute_labels`, label files); the router's loss and metrics
+(`router_terms`, `router_metrics`); checkpoints; `train_readme`, the round loop; and the two
+step functions, `_router_step` and `_backbone_step`.
 """
 
 from __future__ import annotations
