@@ -284,6 +284,10 @@ def test_train_bad_input(tmp_path, cli, setup):
     assert_one_line_error(
         cli("train", base, out, "--data", data, "--seq-len", "4096"), "fewer than one block"
     )
+    with pytest.MonkeyPatch.context() as mp:  # as on a machine without bitsandbytes
+        mp.setitem(sys.modules, "bitsandbytes", None)
+        r = cli("train", base, out, "--data", data, "--load-in-4bit")
+    assert_one_line_error(r, "need bitsandbytes")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     assert_one_line_error(cli("train", base, tmp_path / "busy", "--data", data), "not empty")
@@ -314,6 +318,55 @@ def test_experts_lora_run_on_a_converted_moe(tmp_path, cli, setup):
     assert cli("merge", out, tmp_path / "merged", "-q").code == 0
     r = cli("train", base, tmp_path / "bad", "--data", data, "--adapter", "experts-lora", "-q")
     assert_one_line_error(r, "found no MoE experts")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_trains_and_merges_onto_the_full_precision_base(
+    tmp_path, cli, setup, monkeypatch, bits
+):
+    """QLoRA-style: bitsandbytes quantizes the frozen base (its CPU backend here, CUDA alike);
+    the MixLoRA layers run on the quantized projections (the unfused path); `upcycle merge`
+    folds the adapter into the full-precision base."""
+    import bitsandbytes as bnb
+    import upcycle.adapters  # noqa: F401
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    import upcycle.train.loop as loop
+
+    base, data = setup
+    quantized = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    seen = {}
+    real = loop._save_final
+
+    def spy(model, out, record, mode):
+        ffn = model.base_model.model.model.layers[0].mlp
+        seen["ffn"] = [type(getattr(ffn.base_layer, n)) for n in ("gate_proj", "up_proj")]
+        seen["fused"] = ffn.uses_fused("default")
+        seen["frozen"] = all(
+            not p.requires_grad for n, p in model.named_parameters() if "mixlora" not in n
+        )
+        real(model, out, record, mode)
+
+    monkeypatch.setattr(loop, "_save_final", spy)
+    out = tmp_path / "run"
+    args = ["--data", data, "--max-steps", "3", "--lr", "1e-2", "--gradient-checkpointing"]
+    r = cli("train", base, out, *args, f"--load-in-{bits}bit", *TRAIN)
+    assert r.code == 0, r.err
+    assert seen == {"ffn": [quantized, quantized], "fused": False, "frozen": True}
+    record = json.loads((out / "upcycle_train.json").read_text())
+    assert record["final"]["eval_loss"] < record["final"]["eval_loss_before"]
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:  # no quantization state
+        assert all(".mixlora_" in k for k in f.keys())
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out))
+    model.eval()
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    assert cli("merge", out, tmp_path / "merged", "-q").code == 0
+    assert (logits(str(tmp_path / "merged"), ids) - want).abs().max() <= 1e-4
 
 
 def test_loss_on_kept_logits_equals_the_full_loss(tmp_path):

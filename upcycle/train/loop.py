@@ -103,15 +103,17 @@ def _load_model(opts: TrainOptions, path: str, tokenizer_path: str | None = None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
     kwargs = {"dtype": dtype}
     if opts.load_in_4bit or opts.load_in_8bit:
-        if not torch.cuda.is_available():
-            raise UnsupportedError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes)")
         try:
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
         except ImportError:
             raise UnsupportedError(
-                "--load-in-4bit/--load-in-8bit need `pip install bitsandbytes`"
+                "--load-in-4bit/--load-in-8bit need bitsandbytes: pip install 'upcycle[quant]'"
             ) from None
+        if opts.load_in_8bit:  # bitsandbytes says it per layer and step (docs/mixlora.md)
+            import warnings
+
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=opts.load_in_4bit,
             load_in_8bit=opts.load_in_8bit,

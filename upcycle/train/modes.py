@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import torch
 
@@ -88,7 +89,9 @@ def attach_adapter(model, config):
         if unknown:
             raise OptionError(f"unknown target module {unknown[0]!r}: the model has none")
     try:
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft asks a quantized base the pre-5.x property name
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            model = get_peft_model(model, config)
     except ValueError as e:
         raise OptionError(str(e).splitlines()[0]) from None
     if isinstance(config, LoraConfig):
