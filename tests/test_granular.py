@@ -43,10 +43,18 @@ def test_full_activation_with_uniform_router_is_exact(tiny, cli, tmp_path, famil
     torch.testing.assert_close(logits(out, IDS), logits(src, IDS), atol=1e-5, rtol=0)
 
 
-def test_virtual_group_router_with_one_group_is_exact(tiny, cli, tmp_path):
-    src = tiny("llama")
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("-G", "8", "-k", "8"),  # one group, every expert active
+        ("-G", "8", "-E", "24", "-k", "8"),  # 3 copies, top-8 takes one whole copy
+        ("-G", "8", "-S", "2", "-E", "12", "-k", "12", "--target", "qwen2_moe"),  # all of 2
+    ],
+)
+def test_virtual_group_router_picking_whole_copies_is_exact(tiny, cli, tmp_path, options):
+    src = tiny("qwen2" if "qwen2_moe" in options else "llama")
     out = str(tmp_path / "moe")
-    r = granular(cli, src, out, "-G", "8", "-k", "8", "--router-init", "virtual-group")
+    r = granular(cli, src, out, *options, "--router-init", "virtual-group")
     assert r.code == 0, r
     torch.testing.assert_close(logits(out, IDS), logits(src, IDS), atol=1e-5, rtol=0)
 

@@ -10,8 +10,13 @@ Scaling. Every target renormalizes the top-k routing weights (mixtral always, qw
 norm_topk_prob), so K chosen experts get weights averaging 1/K. Each routed expert's down
 projection is multiplied by s = K / R: with a uniform router and K = E (every part chosen,
 each of its R replicas with weight 1/E), sum_e (1/E) * s * part_e(x) = (s R / E) sum_p part_p(x)
-= sum_p part_p(x), the dense FFN minus the shared part. With K < E and near-uniform weights a
-token gets the plain sum of its chosen parts. Only the down projection is scaled (the FFN is
+= sum_p part_p(x), the dense FFN minus the shared part. The routers that give a part's R
+replicas one row (zeros, centroid, activation) make top-k take whole replica sets, so with
+K < E and near-uniform weights a token gets the plain sum of its chosen parts.
+`--router-init virtual-group` instead gives each replica group (one copy of all P = G - S parts)
+one row, so top-k takes whole copies: there s = P, and whenever K is a multiple of P the K
+chosen experts are K / P complete copies and sum_e (1/K) * P * part_e(x) = sum_p part_p(x), the
+dense FFN again (with K = E too). Only the down projection is scaled (the FFN is
 linear in it), which keeps exactness for any activation. The shared expert is returned ungated;
 the engine compensates a target's gate (qwen2_moe: sigmoid(0 . x) = 1/2, so its down projection
 is doubled).
@@ -34,7 +39,8 @@ INFO = register(
         paper="https://arxiv.org/abs/2410.07524",
         summary="each FFN split into G fine-grained parts: S shared, G-S routed (replicated to E)",
         exact="exact when top-k equals the number of routed experts and the router is uniform "
-        "(--router-init zeros, or virtual-group with one group)",
+        "(--router-init zeros), or with --router-init virtual-group when top-k is a multiple of "
+        "G - S (whole copies)",
     )
 )
 ROUTER_INITS = ("random", "zeros", "virtual-group", "centroid", "activation")
@@ -198,7 +204,9 @@ class GranularMethod:
     def layer(self, i: int, ffn: dict[str, np.ndarray], dtype: str) -> MoELayer:
         gate, up, down = (to_float32(ffn[k], dtype) for k in ("gate", "up", "down"))
         shared, routed = self.parts(i, gate, up, down)
-        scale = np.float32(self.top_k / self.replicas)
+        scale = np.float32(self.top_k / self.replicas)  # see the module docstring
+        if self.router_init == "virtual-group":  # top-k takes whole copies of the P parts
+            scale = np.float32(len(routed))
         parts = [
             {
                 "gate": ffn["gate"][p],
