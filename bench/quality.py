@@ -2,27 +2,45 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/quality.py            # full grid, in priority order (~1 h on 2 CPUs)
-    .venv/bin/python bench/quality.py --quick    # dense, exactness, one G=64 target cell
-    .venv/bin/python bench/quality.py --only target   # one group: dense, exact, target, target25, grid
+    .venv/bin/python bench/quality.py              # every group, 2 workers (~2 h on 2 CPUs)
+    .venv/bin/python bench/quality.py --quick      # dense, exactness, the G=64 target cell
+    .venv/bin/python bench/quality.py --only grid  # one group: exact, target, target25, grid, virtual
+    .venv/bin/python bench/quality.py --table      # the markdown tables of docs/benchmarks.md
 
-Every converted model is evaluated with `upcycle eval --data builtin --max-tokens 4096 --json`
-(held-out split, seq_len 512: the same 8 x 512 tokens for every model). Conversions and router
-calibration go through the CLI (`upcycle convert`, `upcycle calibrate`); the oracle runs
-in-process: the converted MoE is loaded with transformers (fp32) and a forward hook on every
-MoE block's `.gate` replaces the router's choice by the top-k experts with the largest output
-norms ||expert_e(x)|| for that token, with UNIFORM weights 1/k. With uniform weights the
-converter's down-projection scale (K / R) makes the block output exactly the sum of the chosen
-parts (plus the shared expert), so the oracle depends on the partition only, not on the router.
+Groups:
 
-Results are written to bench/results/quality.json after every measurement (a rerun skips cells
-already there; delete the file to start over). Models live in /tmp/quality-work and are
-deleted after use.
+- exact: G=8, top-8 of 8, zero router: must equal the dense model.
+- target / target25: the issue's G=64 cells with 16 (8) shared parts, 50% (25%) of the FFN's
+  neurons active per token, co-activation partition, activation router, then `upcycle calibrate`
+  with its defaults.
+- grid: G=8 and G=32 (mixtral, no shared parts), top-k at 50% and 25% of the routed experts,
+  every partition x the random, centroid and activation router inits; the activation cell of
+  each (G, k, partition) is also calibrated (`--max-tokens 8192`) and gets both oracles.
+  `calibrate` fits every router from scratch (it keeps the old one only where the fit ranks
+  worse), so one calibration per partition stands for all router inits.
+- virtual: G=8 with every part replicated twice (E=16), random vs virtual-group routers.
+
+Conversions and calibrations run through the CLI (`upcycle convert`, `upcycle calibrate`), one
+thread each. Perplexity is measured in the worker process with the model loaded by transformers
+(fp32): `upcycle.evaluate.perplexity` on the held-out split of `builtin`, 8 blocks of 512 tokens
+(4088 predicted tokens, the same for every model and the same as
+`upcycle eval MODEL --data builtin --max-tokens 4096`).
+
+Oracles: a forward hook on every MoE block's `.gate` replaces the router's choice with
+uniform weights 1/k. by="norm": each token's k experts with the largest output norms; by="error":
+the k experts whose sum comes closest to all routed experts' output (`error_oracle`, what
+`calibrate` fits by default). With uniform weights the converter's K / R down-projection scale
+makes the block output exactly the sum of the chosen parts plus the shared expert, so an oracle
+depends on the partition only, not on the router.
+
+Results go to bench/results/quality.json after every cell (a rerun skips the cells already
+there; delete the file to start over). Models live in /tmp/quality-work and are deleted after use.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import datetime as dt
 import json
 import os
@@ -32,6 +50,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 UPCYCLE = os.path.join(ROOT, ".venv", "bin", "upcycle")
 RESULTS = os.path.join(ROOT, "bench", "results", "quality.json")
 HEATMAP = os.path.join(ROOT, "bench", "results", "quality_heatmap.png")
@@ -39,6 +58,19 @@ WORK = "/tmp/quality-work"
 MAX_TOKENS = 4096
 SEQ_LEN = 512  # upcycle eval's default
 DATA = "builtin"
+GRID_CALIBRATION_TOKENS = 4096
+GRID_EVAL_TOKENS = 2048  # the grid's cells: the first 4 of the 8 held-out blocks
+PARTITIONS = ("contiguous", "random", "kmeans", "coactivation")
+GRID_ROUTERS = ("activation", "random", "centroid")
+GRID_SHAPES = ((8, 4), (32, 16), (8, 2), (32, 8))  # (G, k): 50% and 25% of the routed experts
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def log(msg: str) -> None:
@@ -47,10 +79,10 @@ def log(msg: str) -> None:
 
 def sh(args: list[str]) -> str:
     t = time.perf_counter()
-    p = subprocess.run(args, capture_output=True, text=True)
+    p = subprocess.run(args, capture_output=True, text=True, env=ENV)
     if p.returncode:
         raise RuntimeError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    log(f"  {args[1]} done in {time.perf_counter() - t:.0f} s")
+    log(f"  {args[1]} {os.path.basename(args[2])} done in {time.perf_counter() - t:.0f} s")
     return p.stdout
 
 
@@ -73,43 +105,50 @@ def save(results: dict) -> None:
     os.replace(tmp, RESULTS)
 
 
-# ---- measurements -------------------------------------------------------------------------------
+# ---- measurements (in the worker process) -----------------------------------------------------
+
+_BLOCKS = {}
 
 
-def cli_eval(model: str, plot: str | None = None) -> dict:
-    args = [UPCYCLE, "eval", model, "--data", DATA, "--max-tokens", str(MAX_TOKENS), "--json", "-q"]
-    if plot:
-        args += ["--plot", plot]
-    r = json.loads(sh(args))
-    return {"perplexity": r["perplexity"], "loss": r["loss"], "tokens": r["tokens"]}
+def _blocks(tokenizer_dir: str, max_tokens: int):
+    """The held-out eval blocks; every model here shares the default model's tokenizer."""
+    if max_tokens not in _BLOCKS:
+        from transformers import AutoTokenizer
+
+        from upcycle.data import resolve_texts, token_blocks
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        texts = resolve_texts(DATA, "heldout")
+        _BLOCKS[max_tokens] = token_blocks(texts, tok, SEQ_LEN, max_tokens)
+    return _BLOCKS[max_tokens]
 
 
-def oracle_eval(model_dir: str, by: str = "norm") -> dict:
-    """Perplexity with every MoE block routed by an oracle, weights 1/k.
+def evaluate(model_dir: str, oracles: tuple[str, ...] = (), max_tokens: int = MAX_TOKENS) -> dict:
+    """{"ppl": router perplexity, "<by>_oracle_ppl": ...} of one checkpoint, loaded once.
 
-    by="norm": each token's top-k experts by output norm; by="error": the k experts whose sum
-    comes closest to all experts' output (`upcycle.calibrate.error_oracle`, what `calibrate`
-    fits by default); by="router" keeps the router's own top-k choice and only makes the
-    weights uniform (a diagnostic: how much of a calibrated router's loss comes from its
-    mixing weights).
+    by="norm" / "error": see the module docstring; by="router" keeps the router's own top-k
+    choice and only makes its weights uniform (how much of a router's loss is its mixing weights).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from upcycle.calibrate import error_oracle, expert_output_norms
-    from upcycle.data import resolve_texts, token_blocks
     from upcycle.evaluate.perplexity import perplexity
+    from upcycle.io.default_model import resolve_model
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    blocks = token_blocks(resolve_texts(DATA, "heldout"), tok, SEQ_LEN, MAX_TOKENS)
+    torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    k = model.config.num_experts_per_tok
+    path = resolve_model(model_dir)
+    blocks = _blocks(path, max_tokens)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    t = time.perf_counter()
+    out = {"ppl": perplexity(model, blocks, batch_size=4)["perplexity"]}
+    moe = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    k = getattr(model.config, "num_experts_per_tok", 0)
 
-    def hook(block):
+    def hook(block, by):
         def replace(gate, args, output):
-            logits = output[0]
             x = args[0].reshape(-1, args[0].shape[-1])
             if by == "norm":
                 index = expert_output_norms(block.experts, x).topk(k, dim=-1).indices
@@ -117,267 +156,234 @@ def oracle_eval(model_dir: str, by: str = "norm") -> dict:
                 index = error_oracle(block.experts, x, k).float().topk(k, dim=-1).indices
             else:
                 index = output[2]
-            weights = torch.full(index.shape, 1.0 / k, dtype=output[1].dtype)
-            return logits, weights, index
+            return output[0], torch.full(index.shape, 1.0 / k, dtype=output[1].dtype), index
 
         return replace
 
-    blocks_moe = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
-    handles = [b.gate.register_forward_hook(hook(b)) for b in blocks_moe]
-    t = time.perf_counter()
-    try:
-        r = perplexity(model, blocks, batch_size=4)
-    finally:
-        for h in handles:
-            h.remove()
-    log(f"  oracle done in {time.perf_counter() - t:.0f} s")
-    return {"perplexity": r["perplexity"], "loss": r["loss"], "tokens": r["tokens"]}
-
-
-def calibrate(src: str, out: str) -> dict:
-    r = json.loads(
-        sh(
-            [
-                UPCYCLE,
-                "calibrate",
-                src,
-                out,
-                "--data",
-                DATA,
-                "--max-tokens",
-                "4096",
-                "--json",
-                "-q",
-                "--force",
-            ]
-        )
+    for by in oracles:
+        handles = [b.gate.register_forward_hook(hook(b, by)) for b in moe]
+        try:
+            out[f"{by}_oracle_ppl"] = perplexity(model, blocks, batch_size=4)["perplexity"]
+        finally:
+            for h in handles:
+                h.remove()
+    log(
+        f"  eval {os.path.basename(model_dir)} ({1 + len(oracles)} runs) in {time.perf_counter() - t:.0f} s"
     )
+    return out
+
+
+def oracle_eval(model_dir: str, by: str = "norm") -> dict:
+    """Perplexity of `model_dir` routed by the oracle `by` (kept for one-off use from a shell)."""
+    return {"perplexity": evaluate(model_dir, (by,))[f"{by}_oracle_ppl"]}
+
+
+def calibrate(src: str, out: str, max_tokens: int | None) -> dict:
+    args = [UPCYCLE, "calibrate", src, out, "--data", DATA, "--json", "-q", "--force"]
+    if max_tokens:
+        args += ["--max-tokens", str(max_tokens)]
+    t = time.perf_counter()
+    r = json.loads(sh(args))
     layers = r["layers"] if isinstance(r, dict) and "layers" in r else r
     before = [x["oracle_overlap_before"] for x in layers]
     after = [x["oracle_overlap_after"] for x in layers]
-    return {"overlap_before": sum(before) / len(before), "overlap_after": sum(after) / len(after)}
+    return {
+        "calibrate_seconds": round(time.perf_counter() - t, 1),
+        "calibration_tokens": max_tokens or "default",
+        "overlap_before": sum(before) / len(before),
+        "overlap_after": sum(after) / len(after),
+    }
 
 
-# ---- the grid -----------------------------------------------------------------------------------
+# ---- the plan ---------------------------------------------------------------------------------
 
 
-def cell(
-    g,
-    k,
-    partition,
-    router,
-    s=0,
-    e=None,
-    target="mixtral",
-    calib=False,
-    oracle=False,
-    group="grid",
-    plot=False,
-):
+def cell(g, k, partition, router, group, s=0, e=None, target="mixtral", **extra) -> dict:
     e = e if e is not None else g - s
-    key = f"G{g}-S{s}-E{e}-k{k}-{partition}-{router}-{target}"
-    return dict(
-        key=key,
-        g=g,
-        s=s,
-        e=e,
-        k=k,
-        partition=partition,
-        router=router,
-        target=target,
-        calibrate=calib,
-        oracle=oracle,
-        group=group,
-        plot=plot,
-    )
+    c = dict(g=g, s=s, e=e, k=k, partition=partition, router=router, target=target, group=group)
+    c["key"] = f"G{g}-S{s}-E{e}-k{k}-{partition}-{router}-{target}"
+    c.update(calibrate=None, oracles=(), plot=False, eval_tokens=MAX_TOKENS)
+    c.update(extra)
+    return c
 
 
-def plan(quick: bool) -> list[dict]:
-    cells = [cell(8, 8, "contiguous", "zeros", oracle=True, group="exact")]
-    target = []
-    for part in ("kmeans", "contiguous", "coactivation"):
-        target.append(
-            cell(
-                64,
-                16,
-                part,
-                "random",
-                s=16,
-                e=48,
-                target="qwen2_moe",
-                calib=True,
-                oracle=True,
-                group="target",
-                plot=part == "coactivation",
-            )
-        )
-    if quick:
-        return cells + target[:1]
-    cells += target
-    cells.append(
-        cell(
-            64,
-            8,
-            "coactivation",
-            "random",
-            s=8,
-            e=56,
-            target="qwen2_moe",
-            calib=True,
-            oracle=True,
-            group="target25",
-        )
-    )
-    # grid, breadth first: every (G, k, partition) with a random router and its oracle, then
-    # the data-free centroid and the calibrated activation router inits
-    shapes = [(8, 4), (32, 16), (8, 2), (32, 8)]
-    parts = ("contiguous", "kmeans", "coactivation")
-    for router in ("random", "centroid", "activation"):
-        for g, k in shapes:
-            for part in parts:
-                cells.append(cell(g, k, part, router, oracle=router == "random"))
-    cells.append(
-        cell(
-            64,
-            8,
-            "contiguous",
-            "random",
-            s=8,
-            e=56,
-            target="qwen2_moe",
-            calib=True,
-            oracle=True,
-            group="target25",
-        )
-    )
+def plan() -> list[dict]:
+    """Every cell, in the order they are started (most telling first)."""
+    target = dict(target="qwen2_moe", calibrate="default", oracles=("norm", "error"))
+    grid = dict(eval_tokens=GRID_EVAL_TOKENS)
+    cells = [
+        cell(8, 8, "contiguous", "zeros", "exact", oracles=("norm",)),
+        cell(64, 16, "coactivation", "activation", "target", s=16, e=48, plot=True, **target),
+    ]
+    for g, k in GRID_SHAPES:
+        for part in PARTITIONS:
+            extra = dict(calibrate=GRID_CALIBRATION_TOKENS, oracles=("norm", "error"), **grid)
+            cells.append(cell(g, k, part, "activation", "grid", **extra))
+    for router in GRID_ROUTERS[1:]:
+        for g, k in GRID_SHAPES:
+            for part in PARTITIONS:
+                cells.append(cell(g, k, part, router, "grid", **grid))
+    for k in (8, 4):
+        for router in ("random", "virtual-group"):
+            cells.append(cell(8, k, "kmeans", router, "virtual", e=16, **grid))
+    cells.append(cell(64, 8, "coactivation", "activation", "target25", s=8, e=56, **target))
     return cells
 
 
-def run_cell(c: dict, results: dict, dense_ppl: float) -> None:
-    runs = results["runs"]
-    rec = runs.get(c["key"], {})
-    want_uniform = c["calibrate"] and c["group"].startswith("target")
-    if rec.get("done") and ("calibrated_uniform_ppl" in rec or not want_uniform):
-        log(f"skip {c['key']} (already measured)")
-        return
-    log(f"cell {c['key']}")
+def run_cell(c: dict, dense: dict) -> dict:
+    """Convert, evaluate, calibrate and evaluate again one cell; returns its record."""
+    t0 = time.perf_counter()
     out = os.path.join(WORK, c["key"])
     needs_data = (
         c["partition"] == "coactivation"
         or c["router"] == "activation"
         or (c["s"] and c["partition"] != "contiguous")
     )
-    args = [
-        UPCYCLE,
-        "convert",
-        "default",
-        out,
-        "--method",
-        "granular",
-        "-G",
-        str(c["g"]),
-        "-E",
-        str(c["e"]),
-        "-k",
-        str(c["k"]),
-        "--partition",
-        c["partition"],
-        "--router-init",
-        c["router"],
-        "-q",
-        "--force",
-    ]
+    args = [UPCYCLE, "convert", "default", out, "--method", "granular", "-G", str(c["g"])]
+    args += ["-E", str(c["e"]), "-k", str(c["k"]), "--partition", c["partition"]]
+    args += ["--router-init", c["router"], "-q", "--force"]
     if c["s"]:
         args += ["-S", str(c["s"])]
     if c["target"] != "mixtral":
         args += ["--target", c["target"]]
     if needs_data:
         args += ["--calibration-data", DATA]
-    rec.update({k: c[k] for k in ("g", "s", "e", "k", "partition", "router", "target", "group")})
+    rec = {k: c[k] for k in ("g", "s", "e", "k", "partition", "router", "target", "group")}
     rec["calibration_data"] = needs_data
+    # fraction of the FFN's neurons a token uses (replicas of one part counted once per pick)
     rec["active_fraction"] = (c["s"] + (c["g"] - c["s"]) * c["k"] / c["e"]) / c["g"]
-    rec.pop("error", None)
-    runs[c["key"]] = rec
-    t = time.perf_counter()
-    sh(args)
-    rec["convert_seconds"] = round(time.perf_counter() - t, 1)
-    if "router_ppl" not in rec:
-        rec["router_ppl"] = cli_eval(out)["perplexity"]
-        rec["router_ratio"] = rec["router_ppl"] / dense_ppl
-        save(results)
-    if c["oracle"] and "oracle_ppl" not in rec:
-        rec["oracle_ppl"] = oracle_eval(out)["perplexity"]
-        rec["oracle_ratio"] = rec["oracle_ppl"] / dense_ppl
-        save(results)
-    if c["oracle"] and want_uniform and "error_oracle_ppl" not in rec:
-        rec["error_oracle_ppl"] = oracle_eval(out, by="error")["perplexity"]
-        rec["error_oracle_ratio"] = rec["error_oracle_ppl"] / dense_ppl
-        save(results)
-    if c["calibrate"]:
-        cal = out + "-cal"
-        rec.update(calibrate(out, cal))
-        if "calibrated_ppl" not in rec:
-            r = cli_eval(cal, plot=HEATMAP if c["plot"] else None)
-            rec["calibrated_ppl"] = r["perplexity"]
-            rec["calibrated_ratio"] = r["perplexity"] / dense_ppl
-            save(results)
-        if want_uniform:
-            rec["calibrated_uniform_ppl"] = oracle_eval(cal, by="router")["perplexity"]
-            rec["calibrated_uniform_ratio"] = rec["calibrated_uniform_ppl"] / dense_ppl
-        shutil.rmtree(cal, ignore_errors=True)
-    rec["done"] = True
-    save(results)
-    shutil.rmtree(out, ignore_errors=True)
-    log(f"  {json.dumps({k: v for k, v in rec.items() if 'ratio' in k or 'overlap' in k})}")
+    try:
+        t = time.perf_counter()
+        sh(args)
+        rec["convert_seconds"] = round(time.perf_counter() - t, 1)
+        r = evaluate(out, c["oracles"], c["eval_tokens"])
+        rec["router_ppl"] = r["ppl"]
+        for by in c["oracles"]:
+            rec[f"{by}_oracle_ppl"] = r[f"{by}_oracle_ppl"]
+        if c["calibrate"]:
+            cal = out + "-cal"
+            tokens = None if c["calibrate"] == "default" else c["calibrate"]
+            rec.update(calibrate(out, cal, tokens))
+            shutil.rmtree(out, ignore_errors=True)
+            r = evaluate(cal, ("router",), c["eval_tokens"])
+            rec["calibrated_ppl"] = r["ppl"]
+            rec["calibrated_uniform_ppl"] = r["router_oracle_ppl"]
+            if c["plot"]:
+                sh(
+                    [
+                        UPCYCLE,
+                        "eval",
+                        cal,
+                        "--data",
+                        DATA,
+                        "--max-tokens",
+                        str(MAX_TOKENS),
+                        "--plot",
+                        HEATMAP,
+                        "-q",
+                    ]
+                )
+            shutil.rmtree(cal, ignore_errors=True)
+    except Exception as e:  # noqa: BLE001 - record and go on with the other cells
+        import traceback
+
+        rec["error"] = f"{type(e).__name__}: {str(e)[-1000:]}"
+        log(f"  {c['key']} FAILED:\n{traceback.format_exc()}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out + "-cal", ignore_errors=True)
+    rec["eval_tokens"] = c["eval_tokens"]
+    for name in [n for n in rec if n.endswith("_ppl")]:
+        rec[name.replace("_ppl", "_ratio")] = rec[name] / dense[str(c["eval_tokens"])]
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    rec["done"] = "error" not in rec
+    return rec
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+
+def _r(rec: dict, name: str) -> str:
+    v = rec.get(f"{name}_ratio")
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.3g}")
 
 
 def table(results: dict) -> str:
-    """The markdown table of docs/benchmarks.md from quality.json."""
-    runs = [r for r in results["runs"].values() if "router_ratio" in r]
-    oracle = {}  # "norm" oracle ratio, or "norm / error" where both were measured
-    for r in runs:
-        if "oracle_ratio" in r:
-            o = f"{r['oracle_ratio']:.3f}"
-            if "error_oracle_ratio" in r:
-                o += f" / {r['error_oracle_ratio']:.3f}"
-            oracle[(r["g"], r["s"], r["e"], r["k"], r["partition"], r["target"])] = o
+    """The markdown tables of docs/benchmarks.md from quality.json."""
+    runs = results["runs"]
     dense = results["meta"]["dense_ppl"]
-    rows = [
-        "| config | active | partition | router | calibrated? | perplexity | ratio to dense "
-        "| oracle ratio (norm / error) | router/oracle overlap |",
+    out = [
+        f"Ratios to the dense model's perplexity on the same tokens: {dense:.3f} on "
+        f"{MAX_TOKENS} (exact and target cells), "
+        f"{results['meta']['dense_ppl_by_eval_tokens'][str(GRID_EVAL_TOKENS)]:.3f} on "
+        f"{GRID_EVAL_TOKENS} (grid).",
+        "",
+        "| cell | active | converter's router | calibrated (tokens) | calibrated choice, weights 1/k "
+        "| oracle norm | oracle error | calibrated / error oracle | overlap before / after |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| dense | 100% | - | - | - | {dense:.3f} | 1.000 | - | - |",
     ]
-    for r in runs:
+    for r in runs.values():
+        if r.get("group") not in ("exact", "target", "target25"):
+            continue
         shared = f" S={r['s']}" if r["s"] else ""
-        cfg = f"G={r['g']}{shared} E={r['e']} k={r['k']} ({r['target']})"
-        o = oracle.get((r["g"], r["s"], r["e"], r["k"], r["partition"], r["target"]))
-        ostr = o if o is not None else "-"
-        act = f"{100 * r['active_fraction']:.0f}%"
-        head = f"| {cfg} | {act} | {r['partition']} | {r['router']}"
-        before = f"{r['overlap_before']:.2f}" if "overlap_before" in r else "-"
-        rows.append(
-            f"{head} | no | {r['router_ppl']:.3f} | {r['router_ratio']:.3f} | {ostr} | {before} |"
-        )
+        cfg = f"G={r['g']}{shared} E={r['e']} k={r['k']} {r['target']}, {r['partition']}, {r['router']}"
+        cal = "-"
         if "calibrated_ratio" in r:
-            rows.append(
-                f"{head} | yes | {r['calibrated_ppl']:.3f} | {r['calibrated_ratio']:.3f} "
-                f"| {ostr} | {r['overlap_after']:.2f} |"
+            cal = f"{_r(r, 'calibrated')} ({r['calibration_tokens']})"
+        gap = "-"
+        if "calibrated_ppl" in r and "error_oracle_ppl" in r:
+            gap = f"{r['calibrated_ppl'] / r['error_oracle_ppl']:.2f}"
+        ov = (
+            f"{r['overlap_before']:.2f} / {r['overlap_after']:.2f}" if "overlap_after" in r else "-"
+        )
+        out.append(
+            f"| {cfg} | {100 * r['active_fraction']:.0f}% | {_r(r, 'router')} | {cal} "
+            f"| {_r(r, 'calibrated_uniform')} | {_r(r, 'norm_oracle')} | {_r(r, 'error_oracle')} "
+            f"| {gap} | {ov} |"
+        )
+    for g, k in GRID_SHAPES:
+        e = g
+        out += [
+            "",
+            f"G={g} E={e} k={k} (mixtral, {100 * k // e}% active): perplexity ratio to dense",
+            "",
+            f"| partition | random | centroid | activation | calibrated ({GRID_CALIBRATION_TOKENS} tokens) "
+            "| oracle norm | oracle error | calibrated / error oracle |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for part in PARTITIONS:
+            rec = {r: runs.get(f"G{g}-S0-E{e}-k{k}-{part}-{r}-mixtral", {}) for r in GRID_ROUTERS}
+            a = rec["activation"]
+            gap = "-"
+            if "calibrated_ppl" in a and "error_oracle_ppl" in a:
+                gap = f"{a['calibrated_ppl'] / a['error_oracle_ppl']:.2f}"
+            out.append(
+                f"| {part} | {_r(rec['random'], 'router')} | {_r(rec['centroid'], 'router')} "
+                f"| {_r(a, 'router')} | {_r(a, 'calibrated')} | {_r(a, 'norm_oracle')} "
+                f"| {_r(a, 'error_oracle')} | {gap} |"
             )
-        if "calibrated_uniform_ratio" in r:
-            rows.append(
-                f"| {cfg} | {act} | {r['partition']} | calibrated choice, weights 1/k "
-                f"| yes | {r['calibrated_uniform_ppl']:.3f} "
-                f"| {r['calibrated_uniform_ratio']:.3f} | {ostr} | {r['overlap_after']:.2f} |"
-            )
-    return "\n".join(rows)
+    out += [
+        "",
+        "| G=8, parts replicated twice (E=16), kmeans | random | virtual-group |",
+        "| --- | --- | --- |",
+    ]
+    for k in (8, 4):
+        rec = {
+            r: runs.get(f"G8-S0-E16-k{k}-kmeans-{r}-mixtral", {})
+            for r in ("random", "virtual-group")
+        }
+        out.append(
+            f"| k={k} | {_r(rec['random'], 'router')} | {_r(rec['virtual-group'], 'router')} |"
+        )
+    return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="dense, exactness, one target cell")
-    ap.add_argument("--only", help="run one group: exact, target, target25, grid")
-    ap.add_argument("--table", action="store_true", help="print the markdown table and exit")
+    ap.add_argument("--quick", action="store_true", help="dense, exactness, the G=64 target cell")
+    ap.add_argument("--only", help="one group: exact, target, target25, grid, virtual")
+    ap.add_argument("--jobs", type=int, default=2, help="cells run at once (one thread each)")
+    ap.add_argument("--table", action="store_true", help="print the markdown tables and exit")
     opts = ap.parse_args()
     if opts.table:
         print(table(load_results()))
@@ -389,24 +395,40 @@ def main() -> None:
         data=f"{DATA} heldout",
         max_tokens=MAX_TOKENS,
         seq_len=SEQ_LEN,
-        oracle_weights="uniform 1/k over the top-k experts by output norm",
+        oracle_weights="uniform 1/k",
+        git=subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),
     )
-    if "dense_ppl" not in results["meta"]:
-        log("dense baseline")
-        results["meta"]["dense_ppl"] = cli_eval("default")["perplexity"]
-        save(results)
-    dense = results["meta"]["dense_ppl"]
-    log(f"dense perplexity {dense:.4f}")
-    for c in plan(opts.quick):
-        if opts.only and c["group"] != opts.only:
-            continue
-        try:
-            run_cell(c, results, dense)
-        except RuntimeError as e:  # record and go on
-            log(f"  FAILED: {e}")
-            results["runs"].setdefault(c["key"], {})["error"] = str(e)[-1000:]
+    dense = results["meta"].setdefault("dense_ppl_by_eval_tokens", {})
+    if "dense_ppl" in results["meta"]:
+        dense.setdefault(str(MAX_TOKENS), results["meta"]["dense_ppl"])
+    for tokens in (MAX_TOKENS, GRID_EVAL_TOKENS):
+        if str(tokens) not in dense:
+            log(f"dense baseline on {tokens} tokens")
+            dense[str(tokens)] = evaluate("default", max_tokens=tokens)["ppl"]
             save(results)
-            shutil.rmtree(os.path.join(WORK, c["key"]), ignore_errors=True)
+    results["meta"]["dense_ppl"] = dense[str(MAX_TOKENS)]
+    log(f"dense perplexity {dense}")
+    cells = plan()
+    if opts.quick:
+        cells = [c for c in cells if c["group"] in ("exact", "target")]
+    if opts.only:
+        cells = [c for c in cells if c["group"] == opts.only]
+    cells = [c for c in cells if not results["runs"].get(c["key"], {}).get("done")]
+    log(f"{len(cells)} cells to run with {opts.jobs} workers")
+    with cf.ProcessPoolExecutor(opts.jobs) as pool:
+        futures = {pool.submit(run_cell, c, dense): c for c in cells}
+        for fut in cf.as_completed(futures):
+            c = futures[fut]
+            try:
+                rec = fut.result()
+            except Exception as e:  # noqa: BLE001 - a worker died or the record did not pickle
+                rec = {"error": f"{type(e).__name__}: {e}", "seconds": 0.0}
+            results["runs"][c["key"]] = rec
+            save(results)
+            ratios = {k: round(v, 3) for k, v in rec.items() if k.endswith("_ratio")}
+            log(f"{c['key']}: {rec.get('error') or ratios} ({rec['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
