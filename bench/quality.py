@@ -223,9 +223,9 @@ def plan() -> list[dict]:
         for g, k in GRID_SHAPES:
             for part in PARTITIONS:
                 cells.append(cell(g, k, part, router, "grid", **grid))
-    for k in (8, 4):
-        for router in ("random", "virtual-group"):
-            cells.append(cell(8, k, "kmeans", router, "virtual", e=16, **grid))
+    for router in ("random", "virtual-group"):  # top-8 of 16: one whole copy of the 8 parts
+        cells.append(cell(8, 8, "kmeans", router, "virtual", e=16, **grid))
+    cells.append(cell(8, 4, "kmeans", "random", "virtual", e=16, **grid))
     cells.append(cell(64, 8, "coactivation", "activation", "target25", s=8, e=56, **target))
     return cells
 

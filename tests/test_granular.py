@@ -242,7 +242,8 @@ def test_router_inits_shapes():
     )
     ffn = {"gate": gate, "up": up, "down": down}
     for init in ("random", "zeros", "virtual-group", "centroid"):
-        m = GranularMethod(granularity=8, num_experts=16, top_k=4, router_init=init)
+        k = 8 if init == "virtual-group" else 4  # virtual groups take whole copies
+        m = GranularMethod(granularity=8, num_experts=16, top_k=k, router_init=init)
         m.validate()
         layer = m.layer(0, ffn, "F32")
         assert layer.router.shape == (16, 64) and layer.router.dtype == np.float32
@@ -270,6 +271,10 @@ def test_router_inits_shapes():
             ["--router-init activation needs --calibration-data"],
         ),
         (["-G", "8", "--router-init", "hidden"], ["unknown --router-init"]),
+        (
+            ["-G", "8", "-E", "16", "-k", "4", "--router-init", "virtual-group"],
+            ["--top-k must be a multiple of 8"],
+        ),
         (["-G", "8", "--partition", "spectral"], ["unknown --partition"]),
         ([], ["needs --granularity"]),
         (["-G", "8", "--expert-noise", "0.1"], ["--expert-noise applies to --method copy"]),

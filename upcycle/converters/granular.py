@@ -109,6 +109,11 @@ class GranularMethod:
             raise OptionError(
                 f"unknown --router-init {self.router_init!r}; choose from {', '.join(ROUTER_INITS)}"
             )
+        if self.router_init == "virtual-group" and k % (g - s):
+            raise OptionError(
+                f"--router-init virtual-group picks whole copies of the {g - s} routed parts: "
+                f"--top-k must be a multiple of {g - s}, got {k}"
+            )
         for option, values in NEEDS_DATA.items():
             value = getattr(self, option)
             if value in values and not self.calibration_texts:
