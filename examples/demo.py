@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,9 +80,10 @@ def train_merge_and_check(dense_dir: str) -> None:
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    adapted = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32), run_dir
-    ).eval()
+    base = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+    with warnings.catch_warnings():  # peft asks the model a property transformers 5 renamed
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        adapted = PeftModel.from_pretrained(base, run_dir).eval()
     question = "What does the Python function os.path.join do?"
     batch, _, answer = chat(tok, merged, question)
     with torch.no_grad():
