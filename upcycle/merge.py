@@ -33,6 +33,7 @@ from upcycle.converters.base import MethodInfo, MoELayer, MoELayout
 from upcycle.errors import InputError, UnsupportedError
 from upcycle.io.arrays import cast, to_float32
 from upcycle.io.checkpoint import Checkpoint
+from upcycle.io.jsonfile import read_json
 from upcycle.train.options import WEIGHT_MODES
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,11 +61,7 @@ class Adapter:
             raise InputError(f"{path}: no such adapter folder")
         if not os.path.isfile(cfg_path):
             raise InputError(f"{path}: no {ADAPTER_CONFIG} (not a saved adapter)")
-        try:
-            with open(cfg_path) as f:
-                self.config: dict = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(f"{cfg_path}: not valid JSON") from None
+        self.config: dict = read_json(cfg_path)
         self.kind = str(self.config.get("peft_type", "")).upper()
         if self.kind not in ("MIXLORA", "LORA"):
             raise UnsupportedError(
@@ -104,11 +101,7 @@ class Adapter:
             record = os.path.join(self.path, name)
             if not os.path.isfile(record):
                 continue
-            try:
-                with open(record) as f:
-                    return json.load(f).get("base_fingerprint")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                raise InputError(f"{record}: not valid JSON") from None
+            return read_json(record).get("base_fingerprint")
         return None
 
     def check_base(self, ckpt: Checkpoint, embed_name: str) -> None:
@@ -389,12 +382,8 @@ def weights_run(path: str) -> dict | None:
         record_path = os.path.join(path, name)
         if not os.path.isfile(record_path):
             continue
-        try:
-            with open(record_path) as f:
-                record = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(f"{record_path}: not valid JSON") from None
-        options = record.get("options") if isinstance(record, dict) else None
+        record = read_json(record_path)
+        options = record.get("options")
         if isinstance(options, dict) and (
             options.get("method") == "readme" or options.get("adapter") in WEIGHT_MODES
         ):

@@ -9,6 +9,7 @@ import numpy as np
 
 from upcycle.errors import InputError
 from upcycle.io.arrays import FLOATS, cast
+from upcycle.io.jsonfile import read_json
 from upcycle.io.safetensors_io import TensorInfo, read_header, read_tensor
 
 INDEX = "model.safetensors.index.json"
@@ -27,12 +28,8 @@ class Checkpoint:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise InputError(f"{path}: not a model directory (no config.json)")
-        try:
-            with open(cfg_path) as f:
-                self.config: dict = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(f"{cfg_path}: not valid JSON") from None
-        if not isinstance(self.config, dict) or "model_type" not in self.config:
+        self.config: dict = read_json(cfg_path)
+        if "model_type" not in self.config:
             raise InputError(f"{cfg_path}: no model_type")
         self.model_type: str = self.config["model_type"]
         self._files: dict[str, str] = {}

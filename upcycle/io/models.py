@@ -11,27 +11,20 @@ that loads a model (train, eval, calibrate) goes through `load_causal_lm` and `l
 
 from __future__ import annotations
 
-import json
 import os
 
 from upcycle.errors import InputError
+from upcycle.io.jsonfile import read_json
 
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError)
 
 
 def read_config(path: str) -> dict:
     """config.json of a model folder (one-line errors; see `upcycle.io.checkpoint.Checkpoint`)."""
-    cfg = os.path.join(path, "config.json")
     try:
-        with open(cfg) as f:
-            config = json.load(f)
+        return read_json(os.path.join(path, "config.json"))
     except OSError:
         raise InputError(f"{path}: not a model directory (no config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{cfg}: not valid JSON") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{cfg}: not a JSON object")
-    return config
 
 
 def needs_remote_code(path: str) -> bool:

@@ -49,6 +49,7 @@ import torch
 
 from upcycle.converters.readme import NEURONS_FILE
 from upcycle.errors import InputError, OptionError
+from upcycle.io.jsonfile import read_json
 from upcycle.train.checkpoints import (
     STATE,
     checkpoint_root,
@@ -161,15 +162,9 @@ def dense_source(opts: TrainOptions, base: str) -> str:
         path = resolve_model(opts.dense)
         named = "--dense"
     else:
-        record = {}
         prov = os.path.join(base, "upcycle.json")
-        if os.path.isfile(prov):
-            try:
-                with open(prov) as f:
-                    record = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise InputError(f"{prov}: not valid JSON") from None
-        source = record.get("source") if isinstance(record, dict) else None
+        record = read_json(prov) if os.path.isfile(prov) else {}
+        source = record.get("source")
         path = record.get("dense") or (source or {}).get("path")
         if not path:
             raise InputError(f"{base}: upcycle.json names no dense source model; pass --dense")
