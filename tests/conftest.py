@@ -124,6 +124,27 @@ def logits(path: str, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def spy_on_final_model(monkeypatch, ids: torch.Tensor, module=None) -> dict:
+    """Logits of the trained model in memory, taken just before the run's final save.
+
+    `module`: the training module whose `_save_final` runs (`upcycle.train.loop` by default).
+    """
+    if module is None:
+        import upcycle.train.loop as module
+
+    seen = {}
+    real = module._save_final
+
+    def spy(model, out, record, mode):
+        model.eval()
+        with torch.no_grad():
+            seen["logits"] = model(input_ids=ids).logits.float()
+        real(model, out, record, mode)
+
+    monkeypatch.setattr(module, "_save_final", spy)
+    return seen
+
+
 def python_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli, save_tiny
+from conftest import run_cli, save_tiny, spy_on_final_model
 from safetensors.torch import load_file
 from test_bad_input import assert_one_line_error
 from test_bam import _LOAD_WITHOUT_UPCYCLE
@@ -71,18 +71,9 @@ def trained(setup):
     """The uninterrupted run, with the trained model's logits taken just before its final save."""
     import upcycle.train.readme as readme
 
-    seen = {}
-    real = readme._save_final
-
-    def spy(model, out, record, mode):
-        model.eval()
-        with torch.no_grad():
-            seen["logits"] = model(input_ids=IDS).logits.float()
-        real(model, out, record, mode)
-
     run = setup["root"] / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(readme, "_save_final", spy)
+        seen = spy_on_final_model(mp, IDS, readme)
         r = run_cli("train", setup["moe"], run, *setup["args"], *ARGS)
     assert r.code == 0, r.err
     return run, seen["logits"]

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli, save_tiny
+from conftest import run_cli, save_tiny, spy_on_final_model
 from safetensors.torch import load_file
 from test_bad_input import assert_one_line_error
 from test_train import write_data
@@ -50,23 +50,6 @@ def weights(folder) -> dict[str, torch.Tensor]:
         if name.endswith(".safetensors") and name.startswith("model"):
             out.update(load_file(os.path.join(folder, name)))
     return out
-
-
-def spy_on_final_model(monkeypatch, ids: torch.Tensor) -> dict:
-    """Logits of the trained model in memory, taken just before the run's final save."""
-    import upcycle.train.loop as loop
-
-    seen = {}
-    real = loop._save_final
-
-    def spy(model, out, record, mode):
-        model.eval()
-        with torch.no_grad():
-            seen["logits"] = model(input_ids=ids).logits.float()
-        real(model, out, record, mode)
-
-    monkeypatch.setattr(loop, "_save_final", spy)
-    return seen
 
 
 @pytest.mark.parametrize(
