@@ -1,12 +1,16 @@
 """MoE expert and LoRA-expert kernels; installed as ``upcycle.kernels``.
 
 Importing this package registers `experts_implementation="upcycle"` with transformers
-(`upcycle.kernels.experts`). The check on the module name matters: from the repository root
-this folder is also importable as a top-level `kernels`, which transformers probes for the
-Hub's kernels package while it is still being imported itself.
+(`upcycle.kernels.experts`). Imported under any other name (from the repository root this
+folder is importable as a top-level `kernels`, the Hub's package that transformers imports),
+it hands the import over to the installed `kernels` (`upcycle.checkout`).
 """
 
-if __name__ == "upcycle.kernels":
+if __name__ != "upcycle.kernels":
+    from upcycle.checkout import hand_over
+
+    hand_over(__name__, __file__)
+else:
     from upcycle.kernels.experts import register
 
     register()

@@ -16,7 +16,7 @@ SwiGLU experts (the default gate with SiLU: mixtral, qwen2_moe, qwen3_moe, olmoe
 through `SortedSwiGLU`, one autograd Function with a hand-written backward that also carries
 optional per-expert LoRA deltas (`upcycle.kernels.reference.routed_experts_lora`, which
 `--adapter experts-lora` runs). On the 2-core development VM a 4096-token forward+backward
-takes 2-17% longer than the bare per-expert GEMMs of the same routing (bench/kernels.py's
+takes 2-17% longer than the bare per-expert GEMMs of the same routing (bench/cpu_moe.py's
 "gemm floor"), transformers' grouped_mm 15-45% longer. What it removes against autograd over
 per-expert ops:
 

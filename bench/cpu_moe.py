@@ -2,7 +2,7 @@
 
 Run from the repository root with the project's virtualenv:
 
-    .venv/bin/python bench/kernels.py [--threads 2] [--reps 5] [--dtypes float32,bfloat16]
+    .venv/bin/python bench/cpu_moe.py [--threads 2] [--reps 5] [--dtypes float32,bfloat16]
                                       [--tokens 4096,128] [--lora-tokens 4096]
                                       [--out bench/results/kernels.json]
 
