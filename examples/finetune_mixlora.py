@@ -16,12 +16,14 @@ import os
 
 import yaml
 
+from upcycle.io.hub import stay_offline
 from upcycle.merge import merge
 from upcycle.train.loop import train
 from upcycle.train.options import TrainOptions
 
 
 def main() -> None:
+    stay_offline()  # as upcycle's commands: no Hub access, no warnings about Hub kernels
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(here, "configs", "mixlora-default.yaml"))
@@ -45,7 +47,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, use_kernels=False)  # no Hub kernels
     batch = tok.apply_chat_template(
         [{"role": "user", "content": "What does functools.partial do?"}],
         add_generation_prompt=True,

@@ -53,6 +53,23 @@ config_option = click.option(
 )
 
 
+def _hub_kernels(_ctx, _param, value: bool) -> bool:
+    if value:
+        from upcycle.io.hub import enable_hub_kernels
+
+        enable_hub_kernels()
+    return value
+
+
+hub_kernels_option = click.option(
+    "--hub-kernels",
+    is_flag=True,
+    callback=_hub_kernels,
+    expose_value=False,
+    help="Let transformers use kernels from the Hugging Face Hub (off by default: runs stay offline).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="upcycle")
 def cli():
@@ -65,6 +82,9 @@ def cli():
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every failure into one line and an exit code."""
+    from upcycle.io.hub import stay_offline
+
+    stay_offline()  # until --hub-kernels says otherwise (upcycle.io.hub)
     debug = bool(os.environ.get("UPCYCLE_DEBUG"))
     try:
         rv = cli.main(args=argv, prog_name="upcycle", standalone_mode=False)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from upcycle.cli import cli, config_option
+from upcycle.cli import cli, config_option, hub_kernels_option
 from upcycle.errors import OptionError
 
 
@@ -187,6 +187,7 @@ def _weights(value) -> tuple[float, ...]:
     help="Flush every file to disk before the final rename (power-cut safe, slower).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@hub_kernels_option
 def convert(
     model, out, force, dry_run, fsync, quiet, expert_prompts, experts_from, weights, **options
 ):
@@ -263,6 +264,7 @@ def fetch_default(force):
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="Per-layer report as JSON.")
 @click.option("--quiet", "-q", is_flag=True)
+@hub_kernels_option
 def calibrate(model, out, data, max_tokens, seq_len, ridge, objective, force, as_json, quiet):
     """Fit the routers of the MoE MODEL to its frozen experts; write the result to OUT.
 

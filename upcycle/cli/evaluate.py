@@ -8,7 +8,7 @@ import time
 
 import click
 
-from upcycle.cli import cli, config_option
+from upcycle.cli import cli, config_option, hub_kernels_option
 from upcycle.errors import InputError, OptionError
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -49,6 +49,7 @@ def _log(msg: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a layer x expert heatmap PNG.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@hub_kernels_option
 def eval_command(
     model, data, split, seq_len, max_tokens, batch_size, dtype, device, as_json, plot, quiet
 ):

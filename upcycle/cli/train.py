@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from upcycle.cli import cli, config_option
+from upcycle.cli import cli, config_option, hub_kernels_option
 
 
 def _log(msg: str) -> None:
@@ -139,6 +139,7 @@ def _log(msg: str) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@hub_kernels_option
 def train(model, out, quiet, **options):
     """Fine-tune MODEL (an adapter, every weight or the routers) on --data; write the run to OUT.
 

@@ -132,11 +132,13 @@ def _dequantize(gguf_dir: str, gguf_name: str, out: str, log) -> None:
         ) from None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     log("dequantizing the GGUF weights ...")
+    hf_logging.disable_progress_bar()  # transformers' bars per tensor; our log says what runs
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     quantized = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=gguf_name, dtype=torch.float32
+        gguf_dir, gguf_file=gguf_name, dtype=torch.float32, use_kernels=False
     )
     state = {k: v.to(torch.bfloat16) for k, v in quantized.state_dict().items()}
     cfg = quantized.config.to_dict()

@@ -6,7 +6,8 @@ own architectures with AutoConfig/AutoModelForCausalLM, so those load from the i
 package without running any code from the folder. An `auto_map` folder whose model_type is
 registered nowhere locally would run the folder's own Python: that happens only when the user
 asks (`upcycle train --trust-remote-code`); otherwise it is a one-line error. Every command
-that loads a model (train, eval, calibrate) goes through `load_causal_lm` and `load_tokenizer`.
+that loads a model (train, eval, calibrate) goes through `load_causal_lm` and `load_tokenizer`,
+which keep the Hub's kernels off unless the user asked for them (`upcycle.io.hub`).
 """
 
 from __future__ import annotations
@@ -69,11 +70,15 @@ def _remote(path: str, trust_remote_code: bool) -> bool:
 
 def load_causal_lm(path: str, trust_remote_code: bool = False, **kwargs):
     """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`; a folder's own code runs only
-    with `trust_remote_code` (upcycle's architectures never need it)."""
+    with `trust_remote_code` (upcycle's architectures never need it), and Hub kernels only
+    after `upcycle.io.hub.enable_hub_kernels()` (`--hub-kernels`)."""
     import warnings
 
     from transformers import AutoModelForCausalLM
 
+    from upcycle.io.hub import hub_kernels_enabled
+
+    kwargs.setdefault("use_kernels", hub_kernels_enabled())
     remote = _remote(path, trust_remote_code)
     try:
         with warnings.catch_warnings():  # zero-width shared experts (copy-upcycled qwen2_moe)

@@ -264,7 +264,6 @@ def train(opts: TrainOptions, log=None) -> dict:
     `--method readme` runs `upcycle.train.readme` instead."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from peft import PeftModel  # noqa: F401
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
