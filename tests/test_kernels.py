@@ -182,8 +182,10 @@ def test_sorted_swiglu_dropout_matches_masked_reference(monkeypatch, block_elems
 
 
 def test_sorted_swiglu_bf16_close_to_fp64_and_keeps_dtypes():
-    """bf16 inputs (computed in fp32 on CPUs without bf16 matrix units): results within bf16
-    rounding of fp64, every gradient in its parameter's dtype."""
+    """bf16 inputs: results and gradients as close to fp64 as the same arithmetic written
+    plainly in bf16 gets (2x its error, or 2e-2 / 3e-2), every gradient in its parameter's
+    dtype. CPUs without bf16 matrix units compute in fp32; the others round in bf16 between
+    products, as a plain bf16 model does."""
     from upcycle.kernels.experts import sorted_swiglu_experts
 
     (x, weights, ids, w1, w2, lora, leaves), cast = _problem(
@@ -194,15 +196,21 @@ def test_sorted_swiglu_bf16_close_to_fp64_and_keeps_dtypes():
     args16 = [cast[id(t)] for t in (x, weights)], ids, cast[id(w1)], cast[id(w2)]
     (x16, w16), _, w1_16, w2_16 = args16
     y = sorted_swiglu_experts(x16, w16, ids, w1_16, w2_16, lora16, 0.7)
+    plain = _naive_experts(x16, w16, ids, w1_16, w2_16, lora16, 0.7)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
+
+    def err(a, b):
+        return (a.double() - b).abs().max().item()
+
+    assert err(y, want) <= max(2 * err(plain, want), 2e-2)
     dy = torch.randn_like(want)
     leaves16 = [cast[id(t)] for t in leaves]
     got = torch.autograd.grad(y, leaves16, dy.to(torch.bfloat16))
+    plain_grads = torch.autograd.grad(plain, leaves16, dy.to(torch.bfloat16))
     ref = torch.autograd.grad(want, leaves, dy)
-    for a, b, leaf in zip(got, ref, leaves16, strict=True):
+    for a, p, b, leaf in zip(got, plain_grads, ref, leaves16, strict=True):
         assert a.dtype == leaf.dtype
-        torch.testing.assert_close(a.double(), b, rtol=3e-2, atol=3e-2)
+        assert err(a, b) <= max(2 * err(p, b), 3e-2), (err(a, b), err(p, b))
 
 
 def test_routed_experts_lora_other_activation_uses_autograd_path():

@@ -335,7 +335,10 @@ def test_quantized_base_trains_and_merges_onto_the_full_precision_base(
 
     import upcycle.train.loop as loop
 
-    base, data = setup
+    _, data = setup
+    # bitsandbytes' CPU inference path (AVX512-BF16 CPUs, no grad) needs in_features that are
+    # multiples of its 64-value blocks, as real models have; the tiny default width is 96
+    base = save_tiny(str(tmp_path / "base128"), "llama", tokenizer=True, intermediate_size=128)
     quantized = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
     seen = {}
     real = loop._save_final
