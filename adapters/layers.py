@@ -31,6 +31,7 @@ class LoraExperts(nn.Module):
     def __init__(self, num_experts: int, r: int, dims: dict[str, tuple[int, int]]):
         super().__init__()
         self.roles = tuple(dims)
+        self.r = r
         for role, (fan_in, fan_out) in dims.items():
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init (kaiming, a=sqrt(5))
             a = torch.empty(num_experts, r, fan_in).uniform_(-bound, bound)
@@ -153,8 +154,26 @@ class MixLoraFFN(_TunerLayer):
         base = self.base_layer
         plain = all(type(getattr(base, n)) is nn.Linear for n in ROLES)
         if self.uses_fused(name):
+            from upcycle.kernels import dispatch
             from upcycle.kernels.fused import routed_lora_swiglu
+            from upcycle.kernels.mixlora_dense import routed_lora_swiglu_dense
 
+            experts = self.mixlora_experts[name]
+            if dispatch.mixlora(h, s["num_experts"], experts.r, self.intermediate_size) == "dense":
+                y = routed_lora_swiglu_dense(
+                    h,
+                    base.gate_proj.weight,
+                    base.up_proj.weight,
+                    base.down_proj.weight,
+                    weights,
+                    ids,
+                    s["num_experts"],
+                    experts.pairs(h.dtype),
+                    s["scaling"],
+                    dropout_p=s["dropout"] if self.training else 0.0,
+                    expert_scale=s["expert_scale"],
+                )
+                return y.reshape(shape)
             y = routed_lora_swiglu(
                 h,
                 base.gate_proj.weight,

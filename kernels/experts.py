@@ -502,15 +502,21 @@ def sorted_experts_forward(
 ) -> torch.Tensor:
     """The experts forward of a `@use_experts_implementation` module: (T, H) -> (T, H).
 
-    Plain SwiGLU experts run on the Triton kernels where `ops.use_triton` says so (CUDA, or
-    UPCYCLE_TRITON=1), else on the sorted torch Function; other experts on autograd."""
-    from upcycle.kernels import ops
+    `upcycle.kernels.dispatch.experts` picks the implementation: upcycle's Triton kernels,
+    transformers' grouped_mm experts, or the sorted Function (other experts: autograd)."""
+    from upcycle.kernels import dispatch, ops
 
-    if _is_plain_swiglu(self) and ops.use_triton(hidden_states, self.gate_up_proj, self.down_proj):
+    plain = _is_plain_swiglu(self)
+    path = dispatch.experts(hidden_states, plain)
+    if path == "triton":
         return ops.experts_swiglu(
             hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights
         )
-    if _is_plain_swiglu(self):
+    if path == "grouped_mm":
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if plain:
         return sorted_swiglu_experts(
             hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj
         )

@@ -129,7 +129,10 @@ def balance_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int) -> to
 
     f_e: fraction of routed slots that went to expert e; P_e: mean router probability of e.
     """
-    counts = torch.bincount(ids.reshape(-1), minlength=num_experts).to(probs.dtype)
+    # a histogram over fixed bins: bincount sizes its output from the data (a host sync on CUDA)
+    flat = ids.reshape(-1)
+    flat = flat.int() if flat.is_cuda else flat.to(probs.dtype)
+    counts = torch.histc(flat, bins=num_experts, min=0, max=num_experts - 1).to(probs.dtype)
     f = counts / ids.numel()
     return num_experts * torch.sum(f * probs.mean(dim=0))
 
@@ -160,8 +163,13 @@ def routed_experts_lora(
     SiLU experts run through the fused Function of `upcycle.kernels.experts` (no weight
     gradients for frozen experts, workspace temporaries); other activations through autograd.
     """
+    from upcycle.kernels import dispatch, grouped
     from upcycle.kernels.experts import is_silu, sorted_swiglu_experts
 
+    if dispatch.experts_lora(x, lora) == "grouped_mm":
+        return grouped.experts_lora(
+            x, gate_up_w, down_w, act, weights, experts, lora, scaling, dropout_p
+        )
     if is_silu(act):
         return sorted_swiglu_experts(
             x, weights, experts, gate_up_w, down_w, lora, scaling, dropout_p
@@ -244,8 +252,10 @@ class _Dropout(torch.autograd.Function):
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Inverted dropout like `F.dropout`, with a cheaper mask (see `dropped_positions`); only
-    the dropped elements' positions are kept for backward."""
+    """Inverted dropout like `F.dropout`, with a cheaper mask on CPU (see `dropped_positions`);
+    only the dropped elements' positions are kept for backward. Elsewhere `F.dropout`."""
     if not training or p == 0.0:
         return x
+    if x.device.type != "cpu":  # the positions need host syncs; the device's own mask does not
+        return F.dropout(x, p, True)
     return _Dropout.apply(x, dropped_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))

@@ -1,0 +1,92 @@
+"""Which implementation runs each MoE product: one rule per layer kind, with the figures behind it.
+
+The rules (callers ask here; nothing else decides):
+
+experts, `experts_implementation="upcycle"` (plain SwiGLU experts, no LoRA):
+  CUDA, at most TRITON_MAX_TOKENS tokens: upcycle's Triton kernels (`ops.experts_swiglu`).
+  CUDA, more tokens, or experts of another shape: transformers' grouped_mm experts.
+  CPU: the sorted Function (`experts.sorted_swiglu_experts`).
+  H200, bf16, torch 2.11, transformers 5.25 (2026-12-04, bench/gpu_moe.py, ms per call):
+    mixtral (H4096 I14336 E8 top-2) fwd at 64 tokens: Triton 1.12, grouped_mm 1.37 (1.22x);
+    fwd+bwd at 4096 tokens: Triton 30.8, grouped_mm 16.9 (0.55x); at 16384: 126.5 vs 64.3;
+    fine (E64 top-6) fwd+bwd at 4096 tokens: Triton 7.0, grouped_mm 4.9 (0.70x).
+  The Triton kernels win where the products are too small to fill the GPU (decode) and lose
+  to the vendor grouped GEMM once they are not, so above 64 tokens grouped_mm runs.
+  CPU (2-core VM, fp32/bf16, docs/benchmarks.md): the sorted Function beats grouped_mm by
+  15-45% at 4096 tokens.
+
+experts with LoRA deltas (`--adapter experts-lora`, `reference.routed_experts_lora`):
+  CUDA, bf16/fp16, ranks in multiples of 8: grouped_mm for base and LoRA products
+  (`grouped.experts_lora`). The sorted Function, which the CPU needs, cost 5.1-6.9x the
+  frozen grouped_mm floor on the H200 (host syncs, per-expert loops).
+  Otherwise: the sorted Function (SiLU) or autograd per expert.
+
+MixLoRA FFN (copy view, SiLU gate, plain linears):
+  CUDA, when `mixlora_dense.fits` (E*r <= I/8): the dense Function (`mixlora_dense`): cuBLAS
+  products only, no sorting, no host syncs. The lean sorted Function with Triton segment
+  products measured 19.1k tokens/s against plain LoRA's 32.2k (1.68x) on a 1.1B llama.
+  Otherwise and on CPU: the lean sorted Function (`fused.routed_lora_swiglu`), which is what
+  the CPU figures in docs/benchmarks.md measure.
+
+Overrides for benchmarks and tests: UPCYCLE_EXPERTS=triton|grouped_mm|sorted and
+UPCYCLE_MIXLORA=dense|lean pick one implementation wherever it can run; UPCYCLE_TRITON=1 runs
+the Triton kernels on any device (the CPU tests, under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+TRITON_MAX_TOKENS = 64
+
+
+def _override(name: str, choices: tuple[str, ...]) -> str | None:
+    value = os.environ.get(name, "").strip().lower()
+    if value and value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value or None
+
+
+def experts(x: Tensor, plain_swiglu: bool) -> str:
+    """ "triton", "grouped_mm" or "sorted" for an experts forward on x (T, H); "sorted" means
+    the sorted Function for plain SwiGLU experts and autograd per expert for the others."""
+    from upcycle.kernels import ops
+
+    triton_env = os.environ.get("UPCYCLE_TRITON") == "1"
+    can = {"sorted", "grouped_mm"}
+    if plain_swiglu and (triton_env or (x.is_cuda and ops.TRITON_INSTALLED)):
+        can.add("triton")
+    forced = _override("UPCYCLE_EXPERTS", ("triton", "grouped_mm", "sorted"))
+    if forced in can:
+        return forced
+    if triton_env and "triton" in can:
+        return "triton"
+    if not x.is_cuda:
+        return "sorted"
+    if "triton" in can and x.shape[0] <= TRITON_MAX_TOKENS:
+        return "triton"
+    return "grouped_mm"
+
+
+def experts_lora(x: Tensor, lora: dict) -> str:
+    """ "grouped_mm" or "sorted" for experts with LoRA deltas."""
+    from upcycle.kernels import grouped
+
+    forced = _override("UPCYCLE_EXPERTS", ("triton", "grouped_mm", "sorted"))
+    if forced == "sorted" or os.environ.get("UPCYCLE_TRITON") == "1":
+        return "sorted"
+    return "grouped_mm" if grouped.supports(x, lora) else "sorted"
+
+
+def mixlora(x: Tensor, num_experts: int, r: int, intermediate: int) -> str:
+    """ "dense" or "lean" for a MixLoRA FFN (copy view, SiLU, plain linears)."""
+    from upcycle.kernels import mixlora_dense
+
+    forced = _override("UPCYCLE_MIXLORA", ("dense", "lean"))
+    if forced:
+        return forced
+    if x.is_cuda and mixlora_dense.fits(num_experts, r, intermediate):
+        return "dense"
+    return "lean"
