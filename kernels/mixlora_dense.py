@@ -87,7 +87,8 @@ class DenseRoutedLoraSwiGLU(torch.autograd.Function):
         T, K = ids.shape
         scale = 1.0 / (1.0 - p) if p > 0 else 1.0
         w = weights.to(x.dtype)
-        onehot = F.one_hot(ids, num_experts).to(x.dtype)  # (T, K, E)
+        # (T, K, E); a scatter, since one_hot checks the ids' range on the host
+        onehot = x.new_zeros(T, K, num_experts).scatter_(2, ids.unsqueeze(-1), 1.0)
         g, u = F.linear(x, gate_w), F.linear(x, up_w)  # (T, I)
         keep_x = (
             _keep(x.shape, p, x.device) if a["gate"] is not None or a["up"] is not None else None
