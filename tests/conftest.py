@@ -135,11 +135,11 @@ def spy_on_final_model(monkeypatch, ids: torch.Tensor, module=None) -> dict:
     seen = {}
     real = module._save_final
 
-    def spy(model, out, record, mode):
+    def spy(model, out, record, mode, *rest):
         model.eval()
         with torch.no_grad():
             seen["logits"] = model(input_ids=ids).logits.float()
-        real(model, out, record, mode)
+        real(model, out, record, mode, *rest)
 
     monkeypatch.setattr(module, "_save_final", spy)
     return seen

@@ -343,14 +343,14 @@ def test_quantized_base_trains_and_merges_onto_the_full_precision_base(
     seen = {}
     real = loop._save_final
 
-    def spy(model, out, record, mode):
+    def spy(model, out, record, mode, *rest):
         ffn = model.base_model.model.model.layers[0].mlp
         seen["ffn"] = [type(getattr(ffn.base_layer, n)) for n in ("gate_proj", "up_proj")]
         seen["fused"] = ffn.uses_fused("default")
         seen["frozen"] = all(
             not p.requires_grad for n, p in model.named_parameters() if "mixlora" not in n
         )
-        real(model, out, record, mode)
+        real(model, out, record, mode, *rest)
 
     monkeypatch.setattr(loop, "_save_final", spy)
     out = tmp_path / "run"

@@ -152,7 +152,8 @@ def train(model, out, quiet, **options):
     makes any of them a standalone checkpoint. Checkpoints go under OUT/checkpoints/ and
     metrics in OUT/metrics.jsonl. Ctrl-C saves a
     checkpoint; --resume continues it. Several processes: `accelerate launch --multi_gpu
-    --num_processes N -m upcycle train ...` (on CPU too).
+    --num_processes N -m upcycle train ...` (on CPU too); sharded with FSDP2: `accelerate
+    launch --config_file examples/configs/accelerate/fsdp2.yaml ...` (docs/mixlora.md).
     """
     from upcycle.train.loop import train as run_train
     from upcycle.train.options import TrainOptions

@@ -10,7 +10,9 @@
         trainer_state.json                               step, scheduler, options, param groups
 
 A checkpoint folder is written under a temporary name and renamed when complete, so a folder
-named step-N is always whole.
+named step-N is always whole. Weights and optimizer moments are full tensors, also under FSDP
+(gathered from the processes' shards, `upcycle.train.sharding`), so a checkpoint does not depend
+on the number of processes that wrote it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from upcycle.errors import InputError
+from upcycle.train.sharding import full_tensor, full_weights, shard_like
 
 STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -42,21 +45,26 @@ def latest_checkpoint(out: str) -> str | None:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """The optimizer state as full CPU tensors (sharded moments are gathered: under FSDP every
+    process calls this) and its param groups."""
     state = optimizer.state_dict()
     tensors = {}
     for idx, entry in state["state"].items():
         for key, value in entry.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
+            t = full_tensor(value) if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"{idx}.{key}"] = t.detach().cpu().contiguous()
     return tensors, state["param_groups"]
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: str, param_groups: list) -> None:
+    """Restore the state `optimizer_tensors` saved; under FSDP each process keeps its shard."""
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
     for key, t in tensors.items():
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = t
+        i = int(idx)
+        state.setdefault(i, {})[name] = shard_like(t, params[i]) if i < len(params) else t
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
@@ -76,7 +84,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(
     acc, model, optimizer, scheduler, out: str, step: int, state: dict, mode
 ) -> str:
-    """Every process calls this; the main one writes the shared files and renames."""
+    """Every process calls this; the main one writes the shared files and renames. A sharded
+    model's weights and optimizer state are gathered by all processes first."""
     root = checkpoint_root(out)
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".step-{step}.tmp")
@@ -85,9 +94,12 @@ def save_checkpoint(
         os.makedirs(tmp)
     acc.wait_for_everyone()
     save_file(rng_state(), os.path.join(tmp, f"rng-{acc.process_index}.safetensors"))
-    if acc.is_main_process:
-        mode.save(acc.unwrap_model(model), tmp)
+    model = acc.unwrap_model(model)
+    weights = full_weights(model)
+    if weights is not None or acc.is_main_process:
         tensors, groups = optimizer_tensors(optimizer)
+    if acc.is_main_process:
+        mode.save(model, tmp, weights)
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump(
@@ -118,10 +130,10 @@ def read_state(path: str) -> dict:
     return state
 
 
-def load_checkpoint(acc, model, optimizer, scheduler, path: str, mode) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG; returns the state."""
+def load_checkpoint(acc, optimizer, scheduler, path: str) -> dict:
+    """Restore optimizer, scheduler and this process's RNG; returns the state. The weights are
+    restored before that, into the model before it is sharded or wrapped (`mode.load`)."""
     state = read_state(path)
-    mode.load(acc.unwrap_model(model), path)
     try:
         load_optimizer(optimizer, path, state["param_groups"])
     except (OSError, KeyError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""The training loop: accelerate-based, one process or many (DDP), exact resume.
+"""The training loop: accelerate-based, one process or many (DDP or FSDP2), exact resume.
 
 Batches are drawn by index arithmetic from a per-epoch permutation seeded by (seed, epoch), so
 step s always sees the same examples whatever the number of processes: the global batch of a
@@ -8,6 +8,8 @@ token-loss sum by the global count of trained tokens (known to all processes, si
 the data), and DDP's gradient average over processes restores the sum. So one process with
 batch 4 and two with batch 2 take the same steps, and resuming from a checkpoint (which
 restores weights, optimizer, scheduler and every process's RNG) continues the same curve.
+Under an FSDP2 launch config the model is sharded over the processes instead of replicated
+(`upcycle.train.sharding`); the steps, the loss and the checkpoints are the same.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ from upcycle.train.modes import (  # noqa: F401  (adapter_config, attach_adapter
     mode_for,
 )
 from upcycle.train.options import TrainOptions
+from upcycle.train.sharding import (
+    check_launch,
+    full_weights,
+    is_sharded,
+    no_sync,
+    shard,
+    shard_sizes,
+)
 
 METRICS = "metrics.jsonl"
 RECORD = "upcycle_train.json"
@@ -243,16 +253,22 @@ def batch_loss(model, batch: dict, num_items: float):
 
 
 def evaluate_loss(model, blocks: Blocks, batch_size: int, acc) -> float:
-    """Mean token loss over the held-out blocks (split across processes)."""
+    """Mean token loss over the held-out blocks (split across processes). Every process makes
+    the same number of model calls (a sharded model gathers its weights in each call): one
+    left without blocks runs the first block and does not count it."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     rows = torch.arange(acc.process_index, len(blocks), acc.num_processes)
+    calls = math.ceil(math.ceil(len(blocks) / acc.num_processes) / batch_size)
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = micro_batch(blocks, rows[i : i + batch_size], acc.device)
-            total[0] += token_loss_sum(model, batch)[0].double()
-            total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
+        for i in range(0, calls * batch_size, batch_size):
+            chunk = rows[i : i + batch_size]
+            batch = micro_batch(blocks, chunk if len(chunk) else torch.tensor([0]), acc.device)
+            loss = token_loss_sum(model, batch)[0].double()
+            if len(chunk):
+                total[0] += loss
+                total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
     total = acc.reduce(total, reduction="sum")
     model.train(was_training)
     return float(total[0] / total[1])
@@ -276,6 +292,7 @@ def train(opts: TrainOptions, log=None) -> dict:
         from upcycle.train.readme import train_readme
 
         return train_readme(opts, log=log)
+    check_launch(opts)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     say = log if main else (lambda m: None)
@@ -313,8 +330,11 @@ def train(opts: TrainOptions, log=None) -> dict:
     model = mode.prepare(model, base_path)
     if opts.gradient_checkpointing:
         enable_checkpointing(model, ffn_outside=not opts.checkpoint_ffn)
+    if resume_from is not None:  # full weights, into the model before it is sharded
+        mode.load(model, resume_from)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sharded_here = shard(acc, model)  # FSDP2 on CPU, where accelerate does not apply it
     params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = get_scheduler(
         opts.schedule if opts.schedule != "constant" else "constant_with_warmup",
@@ -322,7 +342,11 @@ def train(opts: TrainOptions, log=None) -> dict:
         num_warmup_steps=opts.warmup_steps,
         num_training_steps=total_steps,
     )
-    model, optimizer = acc.prepare(model, optimizer)
+    if sharded_here:  # accelerate would wrap the sharded model in DDP
+        optimizer = acc.prepare(optimizer)
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them
     model.train()
     trimmer = HeapTrimmer()
     if opts.trim_memory and acc.device.type == "cpu" and not trimmer.attach(model):
@@ -330,7 +354,7 @@ def train(opts: TrainOptions, log=None) -> dict:
 
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume_from is not None:
-        state = load_checkpoint(acc, model, optimizer, scheduler, resume_from, mode)
+        state = load_checkpoint(acc, optimizer, scheduler, resume_from)
         if state.get("world_size") != world:
             say(
                 f"note: resuming with {world} processes, the checkpoint had {state.get('world_size')}"
@@ -353,6 +377,19 @@ def train(opts: TrainOptions, log=None) -> dict:
         "base_fingerprint": fingerprint,
         "world_size": world,
     }
+    if is_sharded(model):
+        local, full = shard_sizes(model)
+        by = "upcycle" if sharded_here else "accelerate"
+        run_state["fsdp"] = {
+            "version": 2,
+            "sharded_by": by,
+            "local_elements": local,
+            "elements": full,
+        }
+        say(
+            f"FSDP2 ({by}): parameters sharded over {world} process{'es' if world > 1 else ''} "
+            f"({local:,} of {full:,} elements on the main process)"
+        )
 
     def write_metrics(entry: dict) -> None:
         if main:
@@ -396,7 +433,7 @@ def train(opts: TrainOptions, log=None) -> dict:
             for m in range(opts.grad_accum):
                 batch = micro_batch(blocks, idx[m, rank], acc.device)
                 sync = m == opts.grad_accum - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
+                ctx = contextlib.nullcontext() if sync else no_sync(acc, model)
                 with ctx:
                     lm, aux = batch_loss(model, batch, max(global_count, 1) / world)
                     if not torch.is_tensor(aux):  # None, or 0 from a model without routers
@@ -483,12 +520,14 @@ def train(opts: TrainOptions, log=None) -> dict:
         {**run_state, "tokens": tokens_seen, "elapsed_s": last.get("elapsed_s", 0.0)},
         mode,
     )
+    weights = full_weights(acc.unwrap_model(model))  # every process: gathering is collective
     if main:
         _save_final(
             acc.unwrap_model(model),
             opts.out,
             {**run_state, "final": final, "steps": step, "trainable_params": n_trainable},
             mode,
+            weights,
         )
     acc.wait_for_everyone()
     return final
@@ -524,15 +563,16 @@ def _is_weight_file(name: str) -> bool:
     return name in WEIGHT_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None
 
 
-def _save_final(model, out: str, record: dict, mode) -> None:
-    """The weights at the root of OUT (as the mode saves them), each file renamed into place.
+def _save_final(model, out: str, record: dict, mode, weights: dict | None = None) -> None:
+    """The weights at the root of OUT (as the mode saves them; `weights`: a sharded model's
+    full tensors), each file renamed into place.
 
     The record goes first out and last in, so a root with a record is always whole; weight
     files of an earlier finish (a resumed run that had finished) are removed first."""
     tmp = os.path.join(out, ".final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    mode.save(model, tmp)
+    mode.save(model, tmp, weights)
     with open(os.path.join(tmp, RECORD), "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")

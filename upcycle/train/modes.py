@@ -14,6 +14,9 @@ The root of a run and each `checkpoints/step-N/` hold the same weight files, so 
 reads either. A mode is a small strategy object: `load_from` (where the weights come from: a
 full run resumes from its checkpoint folder, the others load the base), `prepare` (attach the
 adapter or choose the trainable parameters), `save`/`load` (the weight files of a checkpoint).
+`save` takes the full tensors of a sharded (FSDP) model, gathered by every process
+(`upcycle.train.sharding.full_weights`: the trainable parameters and the buffers), or None to
+save from the model itself; `load` runs on the model before it is sharded.
 """
 
 from __future__ import annotations
@@ -188,8 +191,8 @@ class PeftMode:
     def prepare(self, model, base: str):
         return attach_adapter(model, self.config)
 
-    def save(self, model, folder: str) -> None:
-        model.save_pretrained(folder)
+    def save(self, model, folder: str, weights: dict | None = None) -> None:
+        model.save_pretrained(folder, state_dict=weights)
 
     def load(self, model, folder: str) -> None:
         from peft import set_peft_model_state_dict
@@ -225,8 +228,8 @@ class FullMode:
         use_router_loss(model, self.opts.router_aux_loss_coef)
         return model
 
-    def save(self, model, folder: str) -> None:
-        model.save_pretrained(folder)
+    def save(self, model, folder: str, weights: dict | None = None) -> None:
+        model.save_pretrained(folder, state_dict=weights)
         _write_config(self.base, folder, self.opts.dtype)
 
     def load(self, model, folder: str) -> None:
@@ -260,10 +263,10 @@ class RouterMode:
         use_router_loss(model, self.opts.router_aux_loss_coef)
         return model
 
-    def save(self, model, folder: str) -> None:
+    def save(self, model, folder: str, weights: dict | None = None) -> None:
         from safetensors.torch import save_file
 
-        params = dict(model.named_parameters())
+        params = weights if weights is not None else dict(model.named_parameters())
         tensors = {
             disk: params[name].detach().to("cpu").contiguous() for name, disk in self.names.items()
         }

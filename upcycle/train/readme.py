@@ -109,10 +109,10 @@ class ReadmeMode:
     def load_from(self, base: str, resume_from: str | None) -> str:
         return resume_from or base
 
-    def save(self, model, folder: str) -> None:
+    def save(self, model, folder: str, weights: dict | None = None) -> None:
         from upcycle.train.modes import _write_config
 
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=weights)
         _write_config(self.base, folder, self.opts.dtype)
         src = os.path.join(self.base, NEURONS_FILE)
         if os.path.isfile(src):
