@@ -44,7 +44,7 @@ def _keep(shape, p: float, device) -> Tensor | None:
     """A bool mask of the kept elements (probability 1 - p), or None without dropout."""
     if p <= 0.0:
         return None
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+    return torch.rand(shape, dtype=torch.float16, device=device) >= p
 
 
 def _drop(t: Tensor, keep: Tensor | None, scale: float) -> Tensor:
