@@ -23,8 +23,9 @@ experts with LoRA deltas (`--adapter experts-lora`, `reference.routed_experts_lo
 
 MixLoRA FFN (copy view, SiLU gate, plain linears):
   CUDA, when `mixlora_dense.fits` (E*r <= I/8): the dense Function (`mixlora_dense`): cuBLAS
-  products only, no sorting, no host syncs. The lean sorted Function with Triton segment
-  products measured 19.1k tokens/s against plain LoRA's 32.2k (1.68x) on a 1.1B llama.
+  products only, no sorting, no host syncs. `upcycle train` on a 1.1B llama (H200, bf16, seq
+  1024, batch 8; bench/gpu_train.py, 2026-12-04): dense 30.5k tokens/s, 20.3 GB; the lean
+  sorted Function with Triton segment products 17.2k, 18.8 GB; plain LoRA 35.8k, 26.0 GB.
   Otherwise and on CPU: the lean sorted Function (`fused.routed_lora_swiglu`), which is what
   the CPU figures in docs/benchmarks.md measure.
 
