@@ -260,3 +260,23 @@ def test_experts_implementation_upcycle_on_grouped_mm_equals_eager(tmp_path, mon
         with torch.no_grad():
             out[impl] = model(input_ids=ids).logits
     torch.testing.assert_close(out["upcycle"], out["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_mixlora_compiles_into_one_graph():
+    """No host syncs or data-dependent Python in the dense path: torch.compile captures
+    forward and backward with fullgraph=True (a graph break would raise)."""
+    from upcycle.kernels.mixlora_dense import routed_lora_swiglu_dense
+
+    T, H, N, E, K, r = 32, 16, 64, 4, 2, 4
+    gate_w, up_w, down_w = _ffn(H, N, 0, torch.float32)
+    weights, ids = _routing(T, E, K, 1, torch.float32)
+    lora = _lora(("gate", "up", "down"), E, r, H, N, 2, torch.float32)
+    x = torch.randn(T, H, requires_grad=True)
+
+    def ffn(x, weights, ids):
+        return routed_lora_swiglu_dense(x, gate_w, up_w, down_w, weights, ids, E, lora, 0.5)
+
+    compiled = torch.compile(ffn, fullgraph=True)
+    got = compiled(x, weights, ids)
+    got.backward(torch.randn_like(got))
+    torch.testing.assert_close(got, ffn(x, weights, ids), rtol=1e-4, atol=1e-4)
