@@ -39,7 +39,7 @@ from upcycle.converters.calibration import fit_linear_router, load_for_calibrati
 from upcycle.errors import InputError, OptionError
 from upcycle.io.arrays import from_torch
 from upcycle.io.checkpoint import INDEX, SINGLE, Checkpoint
-from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir
+from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir, claims_output_dir
 
 
 @dataclass
@@ -161,6 +161,7 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+@claims_output_dir  # OUT is claimed before the work: a concurrent writer stops here
 def calibrate(
     model_dir: str,
     out: str,

@@ -27,7 +27,13 @@ from upcycle.converters.base import MoELayer, MoELayout
 from upcycle.errors import InputError, OptionError, UnsupportedError
 from upcycle.io.arrays import CONFIG_NAMES, NAMES, STORAGE, cast, nbytes_of, to_float32
 from upcycle.io.checkpoint import Checkpoint
-from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir, parse_size
+from upcycle.io.writer import (
+    ShardedWriter,
+    atomic_output_dir,
+    check_output_dir,
+    claims_output_dir,
+    parse_size,
+)
 
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -161,7 +167,7 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     return sorted(layers)
 
 
-def _family_of(ckpt: Checkpoint) -> DenseFamily:
+def family_of(ckpt: Checkpoint) -> DenseFamily:
     mt = ckpt.model_type
     if mt in MOE_FAMILIES:
         raise UnsupportedError(
@@ -177,7 +183,7 @@ def _family_of(ckpt: Checkpoint) -> DenseFamily:
     return family
 
 
-def _check_inventory(ckpt: Checkpoint, family: DenseFamily, cfg: dict) -> list[list[str]]:
+def check_inventory(ckpt: Checkpoint, family: DenseFamily, cfg: dict) -> list[list[str]]:
     """Every tensor known and shaped as the config says; returns each layer's tensor names."""
     num_layers = cfg["num_hidden_layers"]
     glob, per_layer = expected_shapes(family, cfg)
@@ -235,7 +241,7 @@ def _check_inventory(ckpt: Checkpoint, family: DenseFamily, cfg: dict) -> list[l
     return layers
 
 
-def _check_target(
+def check_target(
     family: DenseFamily, target: MoETarget, layers: list[list[str]], cfg: dict
 ) -> list[str]:
     """Raise unless the target reproduces the source's attention exactly; return zero-filled names."""
@@ -284,12 +290,12 @@ def plan_conversion(
     """
     method = method or make_method(opts)
     ckpt = ckpt or _open_reader(source, method)
-    family = _family_of(ckpt)
+    family = family_of(ckpt)
     src_cfg = source_config(family.model_type, ckpt.config)
     num_layers = src_cfg["num_hidden_layers"]
-    layers = _check_inventory(ckpt, family, src_cfg)
+    layers = check_inventory(ckpt, family, src_cfg)
     target = _target(opts, method, family)
-    zero_fill = _check_target(family, target, layers, src_cfg)
+    zero_fill = check_target(family, target, layers, src_cfg)
     moe_layers = parse_layers(opts.moe_layers, num_layers)
     if target.dense_mlp is None and len(moe_layers) != num_layers:
         raise OptionError(
@@ -482,6 +488,7 @@ class Summary:
         )
 
 
+@claims_output_dir  # OUT is claimed before the work: a concurrent writer stops here
 def convert(
     source: str,
     out: str,

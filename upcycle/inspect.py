@@ -90,7 +90,7 @@ def _moe_info(ckpt: Checkpoint) -> dict:
 
 
 def _dense_options(ckpt: Checkpoint) -> dict:
-    from upcycle.convert import _check_inventory, _check_target
+    from upcycle.convert import check_inventory, check_target
 
     family = FAMILIES.get(ckpt.model_type)
     out: dict = {"moe": False, "methods": [], "targets": []}
@@ -101,14 +101,14 @@ def _dense_options(ckpt: Checkpoint) -> dict:
         out["note"] = family.why_no_target
         return out
     try:
-        layers = _check_inventory(ckpt, family, ckpt.config)
+        layers = check_inventory(ckpt, family, ckpt.config)
     except UpcycleError as e:
         out["note"] = str(e)
         return out
     out["methods"] = sorted(METHODS)
     for name, target in TARGETS.items():
         try:
-            _check_target(family, target, layers, ckpt.config)
+            check_target(family, target, layers, ckpt.config)
             out["targets"].append(name + (" (default)" if name == family.target else ""))
         except UpcycleError:
             continue

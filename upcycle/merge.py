@@ -34,11 +34,11 @@ from upcycle.errors import InputError, UnsupportedError
 from upcycle.io.arrays import cast, to_float32
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.io.jsonfile import read_json
+from upcycle.run_format import RECORD
 from upcycle.train.options import WEIGHT_MODES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TRAIN_RECORD = "upcycle_train.json"  # written by `upcycle train` next to the adapter files
 ROUTER_WEIGHTS = "routers.safetensors"  # `upcycle train --adapter router` (upcycle.train.modes)
 _PEFT_PREFIX = "base_model.model."
 _ROLES = ("gate", "up", "down")
@@ -94,10 +94,10 @@ class Adapter:
 
     @property
     def base_fingerprint(self) -> str | None:
-        """Recorded by MixLoRA configs, and by `upcycle train` runs in TRAIN_RECORD."""
+        """Recorded by MixLoRA configs, and by `upcycle train` runs in RECORD."""
         if self.config.get("base_fingerprint"):
             return self.config["base_fingerprint"]
-        for name in (TRAIN_RECORD, "trainer_state.json"):  # a run's root, or one checkpoint
+        for name in (RECORD, "trainer_state.json"):  # a run's root, or one checkpoint
             record = os.path.join(self.path, name)
             if not os.path.isfile(record):
                 continue
@@ -300,7 +300,7 @@ def merge(
     log=None,
 ):
     """Merge the adapter saved in `run` into its base and write a standalone checkpoint to `out`."""
-    from upcycle.convert import ConvertOptions, _family_of, convert
+    from upcycle.convert import ConvertOptions, convert, family_of
     from upcycle.io.writer import check_output_dir
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -354,7 +354,7 @@ def merge(
             force=force,
             progress=progress,
         )
-    family = _family_of(ckpt)
+    family = family_of(ckpt)
     num_layers = ckpt.config["num_hidden_layers"]
     ffn_module = family.ffn.gate.rsplit(".", 2)[0]  # "mlp.gate_proj.weight" -> "mlp"
     method = MixLoraMerge(adapter, family.layer_prefix, ffn_module, num_layers)
@@ -378,7 +378,7 @@ def weights_run(path: str) -> dict | None:
     folder (its root's upcycle_train.json or a checkpoint's trainer_state.json), else None."""
     if not os.path.isdir(path) or os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
         return None
-    for name in (TRAIN_RECORD, "trainer_state.json"):
+    for name in (RECORD, "trainer_state.json"):
         record_path = os.path.join(path, name)
         if not os.path.isfile(record_path):
             continue
