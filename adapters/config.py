@@ -61,7 +61,7 @@ class MixLoraConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from upcycle.adapters.registry import peft_type
+        from upcycle.adapters.peft_type import peft_type
 
         self.peft_type = peft_type()
         if self.task_type is None:

@@ -294,8 +294,8 @@ class ExpertsLora(_TunerLayer):
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
         from upcycle.kernels import ops
+        from upcycle.kernels.dispatch import routed_experts_lora
         from upcycle.kernels.experts import is_silu
-        from upcycle.kernels.reference import routed_experts_lora
 
         name = self.active_adapters[0]
         base = self.base_layer

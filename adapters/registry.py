@@ -7,32 +7,13 @@ member, MIXLORA, the way Enum's metaclass builds members itself (same class, nam
 entered in the name and value maps), then call peft's own `register_peft_method`. Everything
 else goes through peft's public API. `tests/test_adapters.py` checks the round trip
 (`PeftType("MIXLORA")`, `PeftConfig.from_pretrained`, `PeftModel.from_pretrained`) so a peft
-release that changes this breaks a test, not users.
+release that changes this breaks a test, not users. The member itself is made in
+`upcycle.adapters.peft_type`, which the config class needs too.
 """
 
 from __future__ import annotations
 
-from peft.utils.peft_types import PeftType
-
-NAME = "MIXLORA"
-
-
-def peft_type() -> PeftType:
-    """PeftType.MIXLORA, creating the member on first use."""
-    member = PeftType.__members__.get(NAME)
-    if member is not None:
-        return member
-    member = str.__new__(PeftType, NAME)
-    member._name_ = NAME
-    member._value_ = NAME
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    # enter it as EnumType.__new__ does for class-body members
-    PeftType._member_names_.append(NAME)
-    PeftType._member_map_[NAME] = member
-    PeftType._value2member_map_[NAME] = member
-    type.__setattr__(PeftType, NAME, member)
-    return member
+from upcycle.adapters.peft_type import NAME, peft_type
 
 
 def register() -> None:

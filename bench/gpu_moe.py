@@ -166,7 +166,7 @@ def make_inputs(cfg: Config, tokens: int, device: torch.device, dtype: torch.dty
 
 def make_variants(experts: torch.nn.Module, cfg: Config, mode: str, lora: dict) -> dict:
     """name -> f(x, index, weights) for every variant that runs in `mode` on this device."""
-    from upcycle.kernels.reference import routed_experts_lora
+    from upcycle.kernels.dispatch import routed_experts_lora
 
     def module(impl: str) -> Variant:
         def run(x, index, weights):

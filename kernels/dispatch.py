@@ -15,11 +15,11 @@ experts, `experts_implementation="upcycle"` (plain SwiGLU experts, no LoRA):
   CPU (2-core VM, fp32/bf16, docs/benchmarks.md): the sorted Function beats grouped_mm by
   15-45% at 4096 tokens.
 
-experts with LoRA deltas (`--adapter experts-lora`, `reference.routed_experts_lora`):
+experts with LoRA deltas (`--adapter experts-lora`, `routed_experts_lora` below):
   CUDA, bf16/fp16, ranks in multiples of 8: grouped_mm for base and LoRA products
   (`grouped.experts_lora`). The sorted Function, which the CPU needs, cost 5.1-6.9x the
   frozen grouped_mm floor on the H200 (host syncs, per-expert loops).
-  Otherwise: the sorted Function (SiLU) or autograd per expert.
+  Otherwise: the sorted Function (SiLU) or the reference (autograd per expert).
 
 MixLoRA FFN (copy view, SiLU gate, plain linears):
   CUDA, when `mixlora_dense.fits` (E*r <= I/8): the dense Function (`mixlora_dense`): cuBLAS
@@ -28,6 +28,9 @@ MixLoRA FFN (copy view, SiLU gate, plain linears):
   sorted Function with Triton segment products 17.2k, 18.8 GB; plain LoRA 35.8k, 26.0 GB.
   Otherwise and on CPU: the lean sorted Function (`fused.routed_lora_swiglu`), which is what
   the CPU figures in docs/benchmarks.md measure.
+
+`experts_forward` (what transformers calls for "upcycle", see `register`) and
+`routed_experts_lora` are the entry points that follow these rules.
 
 Overrides for benchmarks and tests: UPCYCLE_EXPERTS=triton|grouped_mm|sorted and
 UPCYCLE_MIXLORA=dense|lean pick one implementation wherever it can run; UPCYCLE_TRITON=1 runs
@@ -40,6 +43,7 @@ import os
 
 from torch import Tensor
 
+NAME = "upcycle"  # experts_implementation=NAME
 TRITON_MAX_TOKENS = 64
 
 
@@ -91,3 +95,69 @@ def mixlora(x: Tensor, num_experts: int, r: int, intermediate: int) -> str:
     if x.is_cuda and mixlora_dense.fits(num_experts, r, intermediate):
         return "dense"
     return "lean"
+
+
+def experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor):
+    """The experts forward of a `@use_experts_implementation` module: (T, H) -> (T, H), on the
+    implementation `experts` picks."""
+    from upcycle.kernels import experts as sorted_experts
+
+    plain = sorted_experts.is_plain_swiglu(self)
+    path = experts(hidden_states, plain)
+    if path == "triton":
+        from upcycle.kernels import ops
+
+        return ops.experts_swiglu(
+            hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights
+        )
+    if path == "grouped_mm":
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if plain:
+        return sorted_experts.sorted_swiglu_experts(
+            hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj
+        )
+    return sorted_experts.autograd_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
+def routed_experts_lora(
+    x: Tensor,
+    gate_up_w: Tensor,
+    down_w: Tensor,
+    act,
+    weights: Tensor,
+    ids: Tensor,
+    lora: dict,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """`reference.routed_experts_lora` (experts with per-expert LoRA deltas) on the
+    implementation `experts_lora` picks: grouped_mm, the sorted Function (SiLU) or the
+    reference itself."""
+    from upcycle.kernels import experts as sorted_experts
+    from upcycle.kernels import grouped, reference
+
+    if experts_lora(x, lora) == "grouped_mm":
+        return grouped.experts_lora(
+            x, gate_up_w, down_w, act, weights, ids, lora, scaling, dropout_p
+        )
+    if sorted_experts.is_silu(act):
+        return sorted_experts.sorted_swiglu_experts(
+            x, weights, ids, gate_up_w, down_w, lora, scaling, dropout_p
+        )
+    return reference.routed_experts_lora(
+        x, gate_up_w, down_w, act, weights, ids, lora, scaling, dropout_p=dropout_p
+    )
+
+
+def register() -> bool:
+    """Add NAME to transformers' experts implementations; False on transformers without the
+    interface."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:
+        return False
+    ExpertsInterface.register(NAME, experts_forward)
+    return True

@@ -1,10 +1,7 @@
 """Sorted-token MoE experts: `experts_implementation="upcycle"` and the LoRA-expert kernel.
 
-Registered with transformers' `ExpertsInterface` when `upcycle.kernels` is imported, so an
-exported checkpoint runs with
-
-    import upcycle.kernels
-    model = AutoModelForCausalLM.from_pretrained(out, experts_implementation="upcycle")
+`upcycle.kernels.dispatch.experts_forward`, registered as transformers' experts
+implementation "upcycle", runs these on CPU (and other implementations where they are faster).
 
 The (token, slot) pairs are sorted by expert once; each expert's projections then run as one
 matrix product on its contiguous segment of rows: no per-token weight gather (transformers'
@@ -51,10 +48,8 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from upcycle.kernels.fused import _buffer, _none_if_empty
 from upcycle.kernels.reference import dropped_positions, sort_by_expert, zero_at
-
-NAME = "upcycle"
+from upcycle.kernels.workspace import buffer, none_if_empty
 
 
 @functools.cache
@@ -135,7 +130,7 @@ def _w(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     by the next product only)."""
     if w.dtype == like.dtype:
         return w
-    return _buffer("moe_weight", w.shape[0], w.shape[1], like).copy_(w)
+    return buffer("moe_weight", w.shape[0], w.shape[1], like).copy_(w)
 
 
 def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -144,7 +139,7 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if dst.dtype == a.dtype:
         torch.mm(a, b, out=dst)
     else:
-        dst.copy_(torch.mm(a, b, out=_buffer("moe_grad", dst.shape[0], dst.shape[1], a)))
+        dst.copy_(torch.mm(a, b, out=buffer("moe_grad", dst.shape[0], dst.shape[1], a)))
 
 
 def _gather(
@@ -156,10 +151,10 @@ def _gather(
 ) -> torch.Tensor:
     """Rows x[tokens] in dtype, in workspace slot `name`; with `dropped`, x's elements at those
     flat positions are zeroed first (x itself is not changed)."""
-    out = _buffer(name, tokens.shape[0], x.shape[1], x.new_empty(0, dtype=dtype))
+    out = buffer(name, tokens.shape[0], x.shape[1], x.new_empty(0, dtype=dtype))
     if dropped is None and x.dtype == dtype:
         return torch.index_select(x, 0, tokens, out=out)
-    src = _buffer("moe_src", x.shape[0], x.shape[1], out).copy_(x)
+    src = buffer("moe_src", x.shape[0], x.shape[1], out).copy_(x)
     if dropped is not None:
         zero_at(src, dropped)
     return torch.index_select(src, 0, tokens, out=out)
@@ -268,7 +263,7 @@ class SortedSwiGLU(torch.autograd.Function):
         order, tokens, counts = sort_by_expert(ids.clamp(max=E), E + 1)
         counts, valid = counts[:E], sum(counts[:E])
         ws = weights.reshape(-1)[order].to(cd)
-        a1, b1, a2, b2 = (_none_if_empty(t) for t in (a1, b1, a2, b2))
+        a1, b1, a2, b2 = (none_if_empty(t) for t in (a1, b1, a2, b2))
         scale = scaling / (1.0 - p)  # LoRA and dropout scales, applied to rank-r rows
         xs = _gather(x, tokens, "moe_xs", cd)
         like = xs[:0]
@@ -283,16 +278,16 @@ class SortedSwiGLU(torch.autograd.Function):
         if a2 is not None:
             drop_h = dropped_positions(valid * inter, p, x.device) if p > 0 else None
             low2 = xs.new_empty(valid, a2.shape[1])
-        y = _buffer("moe_y", valid, xs.shape[1], like)
+        y = buffer("moe_y", valid, xs.shape[1], like)
         for span, members in groups:
             m = span.stop - span.start
-            gu_g = gu[span] if keep else _buffer("moe_gu", m, 2 * inter, like)
+            gu_g = gu[span] if keep else buffer("moe_gu", m, 2 * inter, like)
             for e, rows in members:
                 gu_e = torch.mm(xs[rows], _w(w1[e], like).t(), out=gu_g[_shift(rows, span)])
                 if a1 is not None:
                     low = torch.mm(xd[rows], _w(a1[e], like).t(), out=low1[rows]).mul_(scale)
                     gu_e.addmm_(low, _w(b1[e], like).t())
-            h = _swiglu(gu_g, _buffer("moe_h", m, inter, like))
+            h = _swiglu(gu_g, buffer("moe_h", m, inter, like))
             for e, rows in members:
                 h_e = h[_shift(rows, span)]
                 y_e = torch.mm(h_e, _w(w2[e], like).t(), out=y[rows])
@@ -316,7 +311,7 @@ class SortedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, w1, w2, gu, ws, order, tokens, *rest = ctx.saved_tensors
-        a1, b1, a2, b2, low1, low2, drop_x, drop_h = (_none_if_empty(t) for t in rest)
+        a1, b1, a2, b2, low1, low2, drop_x, drop_h = (none_if_empty(t) for t in rest)
         need_x, need_w, need_w1, need_w2 = (ctx.needs_input_grad[i] for i in (0, 1, 3, 4))
         counts, scale = ctx.counts, ctx.scale
         cd, inter, valid, most = gu.dtype, w2.shape[2], gu.shape[0], ctx.most
@@ -340,12 +335,12 @@ class SortedSwiGLU(torch.autograd.Function):
         d_ws = torch.zeros(tokens.shape[0], dtype=cd, device=x.device) if need_w else None
         d_xd = None
         if need_x and a1 is not None and drop_x is not None:  # per-token mask: after the sums
-            d_xd = _buffer("moe_dxd", valid, x.shape[1], like)
+            d_xd = buffer("moe_dxd", valid, x.shape[1], like)
         names = ("moe_sig", "moe_silu", "moe_h", "moe_dh", "moe_prod")
         sig_buf, silu_buf, h_buf, dh_buf, prod_buf = (
-            _buffer(name, most, inter, like) for name in names
+            buffer(name, most, inter, like) for name in names
         )
-        dgu_buf = _buffer("moe_dgu", most, 2 * inter, like)
+        dgu_buf = buffer("moe_dgu", most, 2 * inter, like)
         for span, members in _groups(counts, inter):
             m = span.stop - span.start
             gu_g, dy_g, w_g = gu[span], dys[span], ws[span, None]
@@ -446,7 +441,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
     return y if b is None else y + b
 
 
-def _autograd_experts(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+def autograd_experts(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
     """Any `@use_experts_implementation` experts (custom gate, biases, transposed weights,
     post-expert norm, no gate) with autograd over one matrix product per expert segment."""
     num_tokens, hidden = hidden_states.shape
@@ -479,7 +474,7 @@ def _autograd_experts(self, hidden_states, top_k_index, top_k_weights) -> torch.
     return weighted.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
-def _is_plain_swiglu(experts: nn.Module) -> bool:
+def is_plain_swiglu(experts: nn.Module) -> bool:
     """Fused [gate; up] (out, in) weights, no bias or post norm, the default SiLU gate."""
     from transformers.integrations.moe import _default_apply_gate
 
@@ -492,43 +487,3 @@ def _is_plain_swiglu(experts: nn.Module) -> bool:
         and getattr(type(experts), "_apply_gate", _default_apply_gate) is _default_apply_gate
         and is_silu(getattr(experts, "act_fn", None))
     )
-
-
-def sorted_experts_forward(
-    self: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-) -> torch.Tensor:
-    """The experts forward of a `@use_experts_implementation` module: (T, H) -> (T, H).
-
-    `upcycle.kernels.dispatch.experts` picks the implementation: upcycle's Triton kernels,
-    transformers' grouped_mm experts, or the sorted Function (other experts: autograd)."""
-    from upcycle.kernels import dispatch, ops
-
-    plain = _is_plain_swiglu(self)
-    path = dispatch.experts(hidden_states, plain)
-    if path == "triton":
-        return ops.experts_swiglu(
-            hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights
-        )
-    if path == "grouped_mm":
-        from transformers.integrations.moe import grouped_mm_experts_forward
-
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if plain:
-        return sorted_swiglu_experts(
-            hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj
-        )
-    return _autograd_experts(self, hidden_states, top_k_index, top_k_weights)
-
-
-def register() -> bool:
-    """Add "upcycle" to transformers' experts implementations; False on transformers without
-    the interface."""
-    try:
-        from transformers.integrations.moe import ExpertsInterface
-    except ImportError:
-        return False
-    ExpertsInterface.register(NAME, sorted_experts_forward)
-    return True

@@ -11,8 +11,8 @@ the whole FFN forward.
 
 On CPU, every fresh large tensor costs page faults (glibc hands big blocks back to the kernel
 when they are freed), which made the element-wise work as slow as the matrix products. So the
-temporaries live in a per-thread workspace that is reused by every layer and step, and the
-element-wise chains run in place. Dropout's 1/(1-p) scale is folded into the rank-r
+temporaries live in a per-thread workspace (`upcycle.kernels.workspace`) that is reused by
+every layer and step, and the element-wise chains run in place. Dropout's 1/(1-p) scale is folded into the rank-r
 activations instead of being applied to (tokens*k, I) tensors.
 
 Gradients flow to x, the routing weights and the LoRA factors; the frozen base weights get
@@ -21,11 +21,10 @@ none.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from upcycle.kernels.reference import dropped_positions, sort_by_expert, zero_at
+from upcycle.kernels.workspace import buffer, none_if_empty
 
 ROLES = ("gate", "up", "down")
 
@@ -97,30 +96,6 @@ def _seg_outer(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Ten
     return out
 
 
-_WORKSPACE = threading.local()
-
-
-def _buffer(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialized (rows, cols) scratch tensor, reused across calls on CPU.
-
-    A slot holds one temporary at a time; callers never save or return it.
-    """
-    if like.device.type != "cpu":
-        return like.new_empty(rows, cols)
-    slots = _WORKSPACE.__dict__.setdefault("slots", {})
-    key = (name, like.dtype)
-    flat = slots.get(key)
-    if flat is None or flat.numel() < rows * cols:
-        slots[key] = flat = None  # drop the old block before taking a bigger one
-        slots[key] = flat = torch.empty(rows * cols, dtype=like.dtype)
-    return flat[: rows * cols].view(rows, cols)
-
-
-def release_workspace() -> None:
-    """Free this thread's scratch tensors (they are taken again on the next call)."""
-    _WORKSPACE.__dict__.pop("slots", None)
-
-
 def _gathered(t, tokens, low, b, counts, out) -> torch.Tensor:
     """t[tokens] plus, when a LoRA is present, the per-expert low-rank product low_e @ b_e^T."""
     torch.index_select(t, 0, tokens, out=out)
@@ -132,7 +107,7 @@ def _gathered(t, tokens, low, b, counts, out) -> torch.Tensor:
 def _rowdot(a: torch.Tensor, b: torch.Tensor, rows: int = 256) -> torch.Tensor:
     """Row-wise dot products, `rows` rows at a time through a small (cache-sized) temporary."""
     out = a.new_empty(a.shape[0])
-    tmp = _buffer("rowdot", min(rows, a.shape[0]), a.shape[1], a)
+    tmp = buffer("rowdot", min(rows, a.shape[0]), a.shape[1], a)
     for i in range(0, a.shape[0], rows):
         n = min(rows, a.shape[0] - i)
         torch.sum(torch.mul(a[i : i + n], b[i : i + n], out=tmp[:n]), 1, out=out[i : i + n])
@@ -145,17 +120,13 @@ def _base(x, gate_w, up_w, scratch: bool):
     if not scratch:
         return F.linear(x, gate_w), F.linear(x, up_w)
     T, inter = x.shape[0], gate_w.shape[0]
-    g = torch.mm(x, gate_w.t(), out=_buffer("g", T, inter, x))
-    return g, torch.mm(x, up_w.t(), out=_buffer("u", T, inter, x))
+    g = torch.mm(x, gate_w.t(), out=buffer("g", T, inter, x))
+    return g, torch.mm(x, up_w.t(), out=buffer("u", T, inter, x))
 
 
 def _dropped(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
     """x with the dropped positions zeroed (a copy), or x itself without dropout."""
     return x if positions is None else zero_at(x.clone(), positions)
-
-
-def _none_if_empty(t: torch.Tensor) -> torch.Tensor | None:
-    return t if t.numel() else None
 
 
 class RoutedLoraSwiGLU(torch.autograd.Function):
@@ -177,16 +148,16 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             if p > 0:
                 drop_x = dropped_positions(x.numel(), p, x.device)
             xd = torch.index_select(
-                _dropped(x, drop_x), 0, tokens, out=_buffer("th", TK, x.shape[1], x)
+                _dropped(x, drop_x), 0, tokens, out=buffer("th", TK, x.shape[1], x)
             )
             for role in ("gate", "up"):
                 if A[role] is not None:
                     low[role] = _seg_mm(xd, counts, A[role], True).mul_(scale)
-        hs = _gathered(g, tokens, low.get("gate"), B["gate"], counts, _buffer("a", TK, inter, x))
+        hs = _gathered(g, tokens, low.get("gate"), B["gate"], counts, buffer("a", TK, inter, x))
         F.silu(hs, inplace=True)
-        buf = _gathered(u, tokens, low.get("up"), B["up"], counts, _buffer("b", TK, inter, x))
+        buf = _gathered(u, tokens, low.get("up"), B["up"], counts, buffer("b", TK, inter, x))
         hs.mul_(buf)
-        mixed = _buffer("t", T, inter, x).zero_()
+        mixed = buffer("t", T, inter, x).zero_()
         mixed.index_add_(0, tokens, torch.mul(hs, ws[:, None], out=buf))
         y = F.linear(mixed, down_w)
         if A["down"] is not None:
@@ -195,7 +166,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
                 drop_h = dropped_positions(hs.numel(), p, x.device)
                 hd = zero_at(hs, drop_h)
             low["down"] = _seg_mm(hd, counts, A["down"], True).mul_(scale)
-            dd = _seg_mm(low["down"], counts, B["down"], True, out=_buffer("th", TK, x.shape[1], x))
+            dd = _seg_mm(low["down"], counts, B["down"], True, out=buffer("th", TK, x.shape[1], x))
             y.index_add_(0, tokens, dd.mul_(ws[:, None]))
         none = torch.empty(0, dtype=torch.int64)
         if lean:
@@ -215,7 +186,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, g, u, gate_w, up_w, down_w, ws, tokens, order = saved[:9]
         lora = list(saved[9:15])
-        drop_x, drop_h = _none_if_empty(saved[15]), _none_if_empty(saved[16])
+        drop_x, drop_h = none_if_empty(saved[15]), none_if_empty(saved[16])
         low = dict(zip(ROLES, saved[17:20], strict=True))
         A = dict(zip(ROLES, lora[0::2], strict=True))
         B = dict(zip(ROLES, lora[1::2], strict=True))
@@ -226,21 +197,21 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         if not g.numel():  # recompute_base: rerun the base projections
             g, u = _base(x, gate_w, up_w, scratch=True)
         # recompute the element-wise forward on sorted (token, slot) rows
-        silu = _gathered(g, tokens, low["gate"], B["gate"], counts, _buffer("a", TK, inter, x))
-        us = _gathered(u, tokens, low["up"], B["up"], counts, _buffer("b", TK, inter, x))
-        sig = torch.sigmoid(silu, out=_buffer("c", TK, inter, x))
+        silu = _gathered(g, tokens, low["gate"], B["gate"], counts, buffer("a", TK, inter, x))
+        us = _gathered(u, tokens, low["up"], B["up"], counts, buffer("b", TK, inter, x))
+        sig = torch.sigmoid(silu, out=buffer("c", TK, inter, x))
         silu.mul_(sig)
-        work = torch.mul(silu, us, out=_buffer("d", TK, inter, x))  # hs
+        work = torch.mul(silu, us, out=buffer("d", TK, inter, x))  # hs
         # base down projection, through the weighted mix
-        d_mixed = torch.mm(dy, down_w, out=_buffer("t", T, inter, x))
-        d_hs = torch.index_select(d_mixed, 0, tokens, out=_buffer("e", TK, inter, x))
+        d_mixed = torch.mm(dy, down_w, out=buffer("t", T, inter, x))
+        d_hs = torch.index_select(d_mixed, 0, tokens, out=buffer("e", TK, inter, x))
         d_ws = _rowdot(d_hs, work)
         d_hs.mul_(wcol)
         grads = {}
         if A["down"] is not None:
             hd = zero_at(work, drop_h) if drop_h is not None else work
-            dys = torch.index_select(dy, 0, tokens, out=_buffer("th", TK, H, x))
-            dd = _seg_mm(low["down"], counts, B["down"], True, out=_buffer("th2", TK, H, x))
+            dys = torch.index_select(dy, 0, tokens, out=buffer("th", TK, H, x))
+            dd = _seg_mm(low["down"], counts, B["down"], True, out=buffer("th2", TK, H, x))
             d_ws += _rowdot(dys, dd)
             d_dd = dys.mul_(wcol)
             grads["B_down"] = _seg_outer(d_dd, low["down"], counts)
@@ -264,10 +235,10 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             grads[f"B_{role}"] = _seg_outer(d_s, low[role], counts)
             d_low = _seg_mm(d_s, counts, B[role], False).mul_(scale)
             if xd is None:
-                xd = torch.index_select(_dropped(x, drop_x), 0, tokens, out=_buffer("th", TK, H, x))
+                xd = torch.index_select(_dropped(x, drop_x), 0, tokens, out=buffer("th", TK, H, x))
             grads[f"A_{role}"] = _seg_outer(d_low, xd, counts)
             if d_xd is None:
-                d_xd = _seg_mm(d_low, counts, A[role], False, out=_buffer("th2", TK, H, x))
+                d_xd = _seg_mm(d_low, counts, A[role], False, out=buffer("th2", TK, H, x))
             else:
                 _seg_mm(d_low, counts, A[role], False, out=d_xd, add=True)
         if d_xd is not None:

@@ -159,21 +159,10 @@ def routed_experts_lora(
     gate_up_w (E, 2I, H) and down_w (E, H, I) in transformers' fused layout; lora "gate_up"
     (A (E, r, H), B (E, 2I, r)) and "down" (A (E, r, I), B (E, H, r)), either optional.
     Dropout with probability `dropout_p` (0 in eval mode) applies to the LoRA inputs only.
-    Tokens are sorted by expert once; each expert's base GEMMs and LoRA run on its segment.
-    SiLU experts run through the fused Function of `upcycle.kernels.experts` (no weight
-    gradients for frozen experts, workspace temporaries); other activations through autograd.
+    Tokens are sorted by expert once; each expert's base GEMMs and LoRA run on its segment,
+    under autograd, for any activation. `upcycle.kernels.dispatch.routed_experts_lora` runs
+    the faster implementations of the same function.
     """
-    from upcycle.kernels import dispatch, grouped
-    from upcycle.kernels.experts import is_silu, sorted_swiglu_experts
-
-    if dispatch.experts_lora(x, lora) == "grouped_mm":
-        return grouped.experts_lora(
-            x, gate_up_w, down_w, act, weights, experts, lora, scaling, dropout_p
-        )
-    if is_silu(act):
-        return sorted_swiglu_experts(
-            x, weights, experts, gate_up_w, down_w, lora, scaling, dropout_p
-        )
     num_experts = gate_up_w.shape[0]
     order, tokens, counts = sort_by_expert(experts, num_experts)
     w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)

@@ -127,13 +127,13 @@ def logits(path: str, ids: torch.Tensor) -> torch.Tensor:
 def spy_on_final_model(monkeypatch, ids: torch.Tensor, module=None) -> dict:
     """Logits of the trained model in memory, taken just before the run's final save.
 
-    `module`: the training module whose `_save_final` runs (`upcycle.train.loop` by default).
+    `module`: the recipe module whose `save_final` runs (`upcycle.train.loop` by default).
     """
     if module is None:
         import upcycle.train.loop as module
 
     seen = {}
-    real = module._save_final
+    real = module.save_final
 
     def spy(model, out, record, mode, *rest):
         model.eval()
@@ -141,7 +141,7 @@ def spy_on_final_model(monkeypatch, ids: torch.Tensor, module=None) -> dict:
             seen["logits"] = model(input_ids=ids).logits.float()
         real(model, out, record, mode, *rest)
 
-    monkeypatch.setattr(module, "_save_final", spy)
+    monkeypatch.setattr(module, "save_final", spy)
     return seen
 
 

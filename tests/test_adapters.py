@@ -13,7 +13,7 @@ import upcycle.adapters as A
 from conftest import PY, python_env, save_tiny
 from upcycle.adapters.layers import MixLoraFFN
 
-from upcycle.train.loop import enable_checkpointing
+from upcycle.train.components import enable_checkpointing
 
 _ROLES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
@@ -161,7 +161,7 @@ def test_checkpointed_training_matches_plain_and_keeps_no_router_graph():
     checkpoint re-runs would hold that layer's recomputed graph until the next step."""
     from peft import get_peft_model
     from upcycle.adapters.checkpointing import checkpoint_attention_only
-    from upcycle.kernels.fused import release_workspace
+    from upcycle.kernels.workspace import release_workspace
 
     def grads(checkpointing: str, shapes):
         model = get_peft_model(

@@ -14,7 +14,7 @@ def test_upcycle_experts_equal_eager_outputs_and_gradients(tmp_path, monkeypatch
     gradients (fp32), also with an expert that gets no token."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations.moe import ExpertsInterface
-    from upcycle.kernels.experts import sorted_experts_forward
+    from upcycle.kernels.dispatch import experts_forward as sorted_experts_forward
 
     calls = []
 
@@ -237,7 +237,7 @@ def test_upcycle_experts_other_gates_use_autograd_path():
     path and still equal eager, gradients included."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    from upcycle.kernels.experts import _is_plain_swiglu
+    from upcycle.kernels.experts import is_plain_swiglu as _is_plain_swiglu
 
     torch.manual_seed(0)
     cfg = MixtralConfig(

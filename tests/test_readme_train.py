@@ -211,7 +211,7 @@ def test_ctrl_c_saves_and_resume_gives_the_uninterrupted_run(setup, trained, mon
 
     part = setup["root"] / "part"
     with monkeypatch.context() as mp:
-        mp.setattr(readme, "_Sigint", CtrlC)
+        mp.setattr(readme, "Sigint", CtrlC)
         r = run_cli("train", setup["moe"], part, *setup["args"], *ARGS)
     assert r.code == 130 and "interrupted at step 6" in r.err, r.err
     assert sorted(os.listdir(part / "checkpoints")) == ["step-2", "step-4", "step-6"]

@@ -341,7 +341,7 @@ def test_quantized_base_trains_and_merges_onto_the_full_precision_base(
     base = save_tiny(str(tmp_path / "base128"), "llama", tokenizer=True, intermediate_size=128)
     quantized = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
     seen = {}
-    real = loop._save_final
+    real = loop.save_final
 
     def spy(model, out, record, mode, *rest):
         ffn = model.base_model.model.model.layers[0].mlp
@@ -352,7 +352,7 @@ def test_quantized_base_trains_and_merges_onto_the_full_precision_base(
         )
         real(model, out, record, mode, *rest)
 
-    monkeypatch.setattr(loop, "_save_final", spy)
+    monkeypatch.setattr(loop, "save_final", spy)
     out = tmp_path / "run"
     args = ["--data", data, "--max-steps", "3", "--lr", "1e-2", "--gradient-checkpointing"]
     r = cli("train", base, out, *args, f"--load-in-{bits}bit", *TRAIN)
@@ -378,8 +378,8 @@ def test_loss_on_kept_logits_equals_the_full_loss(tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from upcycle.train.components import batch_loss, micro_batch
     from upcycle.train.data import build_blocks
-    from upcycle.train.loop import batch_loss, micro_batch
     from upcycle.train.loss import chunked_head
 
     base = save_tiny(str(tmp_path / "base"), "llama", tokenizer=True)

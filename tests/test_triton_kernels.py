@@ -324,7 +324,7 @@ def check_upcycle_experts_implementation_runs_triton():
     the dispatch says so, with the sorted Function's outputs and gradients."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    from upcycle.kernels.experts import register
+    from upcycle.kernels.dispatch import register
 
     register()
     cfg = MixtralConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=E,

@@ -161,7 +161,7 @@ def on_disk_names(model, names: list[str], base: str) -> dict[str, str]:
     return out
 
 
-def _write_config(base: str, folder: str, dtype: str) -> None:
+def write_config(base: str, folder: str, dtype: str) -> None:
     """The base's config.json (auto_map and all) with the dtype the weights are stored in,
     and the custom code files it names."""
     from upcycle.io.models import code_files, read_config
@@ -230,7 +230,7 @@ class FullMode:
 
     def save(self, model, folder: str, weights: dict | None = None) -> None:
         model.save_pretrained(folder, state_dict=weights)
-        _write_config(self.base, folder, self.opts.dtype)
+        write_config(self.base, folder, self.opts.dtype)
 
     def load(self, model, folder: str) -> None:
         pass  # `load_from` gave the checkpoint's weights to from_pretrained

@@ -22,7 +22,7 @@ They are computed once, before training, for exactly the training blocks the rou
 draw and for the held-out blocks, and stored in OUT/readme_labels.safetensors, so a resumed run
 needs no dense model and sees the same labels.
 
-Batches are drawn by index arithmetic (`upcycle.train.loop._epoch_order`): backbone phases from
+Batches are drawn by index arithmetic (`upcycle.train.loop.epoch_order`): backbone phases from
 the permutation stream of `--seed` (the one `--adapter full` draws), router phases from their own
 stream; global phase step g of round r is r * steps + s. So the state of a run is its position
 (round, phase, step in phase), the weights and the phase's optimizer: checkpoints hold those and
@@ -47,9 +47,10 @@ import time
 
 import torch
 
-from upcycle.converters.readme import NEURONS_FILE
+from upcycle.converters.readme import NEURONS_FILE, ROUTER_PREFIX
 from upcycle.errors import InputError, OptionError
 from upcycle.io.jsonfile import read_json
+from upcycle.run_format import METRICS
 from upcycle.train.checkpoints import (
     STATE,
     checkpoint_root,
@@ -59,27 +60,26 @@ from upcycle.train.checkpoints import (
     rng_state,
     set_rng_state,
 )
-from upcycle.train.data import IGNORE, Blocks
-from upcycle.train.loop import (
+from upcycle.train.components import (
     Interrupted,
-    _check_out,
-    _check_trajectory,
-    _epoch_order,
-    _load_model,
-    _save_final,
-    _Sigint,
-    _truncate_metrics,
+    Sigint,
     batch_loss,
+    check_out,
+    check_trajectory,
     enable_checkpointing,
+    epoch_order,
     evaluate_loss,
     load_data,
+    load_model,
     micro_batch,
+    save_final,
     trimmed_length,
+    truncate_metrics,
 )
+from upcycle.train.data import IGNORE, Blocks
 from upcycle.train.options import TrainOptions
 
 LABELS = "readme_labels.safetensors"
-ROUTER_PREFIX = "model.router."
 PHASES = ("router", "backbone")
 ROUTER_STREAM = 104_729  # the router phases' data order: seed + this (backbone: seed)
 
@@ -110,10 +110,10 @@ class ReadmeMode:
         return resume_from or base
 
     def save(self, model, folder: str, weights: dict | None = None) -> None:
-        from upcycle.train.modes import _write_config
+        from upcycle.train.modes import write_config
 
         model.save_pretrained(folder, state_dict=weights)
-        _write_config(self.base, folder, self.opts.dtype)
+        write_config(self.base, folder, self.opts.dtype)
         src = os.path.join(self.base, NEURONS_FILE)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, NEURONS_FILE))
@@ -128,7 +128,7 @@ class ReadmeMode:
 def _draw(seed: int, g: int, per_step: int, n: int) -> torch.Tensor:
     """Block indices of global phase step g: a slice of the (seed, epoch) permutation."""
     epoch, within = divmod(g, n // per_step)
-    return _epoch_order(seed, epoch, n)[within * per_step : (within + 1) * per_step]
+    return epoch_order(seed, epoch, n)[within * per_step : (within + 1) * per_step]
 
 
 def _phase_steps(opts: TrainOptions, phase: str) -> int:
@@ -338,13 +338,13 @@ def train_readme(opts: TrainOptions, log=None) -> dict:
 
     from upcycle.adapters.fingerprint import model_fingerprint
     from upcycle.io.default_model import resolve_model
-    from upcycle.kernels.fused import release_workspace
+    from upcycle.kernels.workspace import release_workspace
     from upcycle.train.memory import HeapTrimmer
 
     log = log or (lambda m: print(m, file=sys.stderr))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise OptionError("--method readme trains in one process (no accelerate launch)")
-    resume_from = _check_out(opts)
+    resume_from = check_out(opts)
     resumed = None
     if resume_from is not None:
         resumed = read_state(resume_from)
@@ -353,13 +353,13 @@ def train_readme(opts: TrainOptions, log=None) -> dict:
         missing = [k for k in ("round", "phase", "phase_step", "tokens") if k not in resumed]
         if missing or resumed["phase"] not in PHASES:
             raise InputError(f"{resume_from}: not a complete readme checkpoint ({STATE})")
-        _check_trajectory(opts, resumed)
+        check_trajectory(opts, resumed)
     base = resolve_model(opts.model, log=log)
     member = _check_base(opts, base)
     mode = ReadmeMode(opts, base)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(opts.seed)
-    model, tokenizer = _load_model(opts, mode.load_from(base, resume_from), base)
+    model, tokenizer = load_model(opts, mode.load_from(base, resume_from), base)
     fingerprint = model_fingerprint(model) if resumed is None else resumed.get("base_fingerprint")
     model.to(device)
     model.config.use_cache = False
@@ -449,7 +449,7 @@ def train_readme(opts: TrainOptions, log=None) -> dict:
         model.train()
         return entry
 
-    metrics_path = os.path.join(opts.out, "metrics.jsonl")
+    metrics_path = os.path.join(opts.out, METRICS)
     total = opts.rounds * (opts.router_steps + opts.backbone_steps)
     run_state = {
         "options": opts.trajectory(),
@@ -463,13 +463,13 @@ def train_readme(opts: TrainOptions, log=None) -> dict:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    with _Sigint() as sigint:  # Ctrl-C from here on: a checkpoint after the step
+    with Sigint() as sigint:  # Ctrl-C from here on: a checkpoint after the step
         if resumed is not None:
             rnd, phase, phase_step = resumed["round"], resumed["phase"], resumed["phase_step"]
             step, tokens = resumed["step"], resumed["tokens"]
             elapsed_before = resumed.get("elapsed_s", 0.0)
             before, history = resumed.get("before") or {}, list(resumed.get("history") or [])
-            _truncate_metrics(metrics_path, step)
+            truncate_metrics(metrics_path, step)
             rng = os.path.join(resume_from, "rng-0.safetensors")
             if os.path.isfile(rng):
                 from safetensors.torch import load_file
@@ -483,7 +483,7 @@ def train_readme(opts: TrainOptions, log=None) -> dict:
             log(f"resuming from {resume_from} ({where})")
         else:
             rnd, phase, phase_step, step, tokens, elapsed_before = 0, "router", 0, 0, 0, 0.0
-            _truncate_metrics(metrics_path, 0)
+            truncate_metrics(metrics_path, 0)
             history = []
             log(
                 f"training Read-ME on {base}: router {counts['router']:,} / backbone "
@@ -611,7 +611,7 @@ def train_readme(opts: TrainOptions, log=None) -> dict:
         "history": history,
         "trainable_params": counts,
     }
-    _save_final(model, opts.out, record, mode)
+    save_final(model, opts.out, record, mode)
     return final
 
 
