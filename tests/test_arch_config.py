@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import logits
+from conftest import logits, save_tiny
 from transformers import AutoConfig
 
 from upcycle.arch.config import COMMON, source_config
@@ -72,3 +72,39 @@ def test_minimal_and_legacy_configs_convert_exactly(tiny, cli, tmp_path, family)
     written = json.load(open(os.path.join(out, "config.json")))
     assert written["rope_theta"] == 30000.0  # read by transformers 4.x and vLLM
     assert written["rope_parameters"]["rope_theta"] == 30000.0
+
+
+def test_legacy_keys_follow_rope_parameters_and_dtype():
+    """What transformers 4.x reads (rope_theta, rope_scaling, torch_dtype) next to what 5.x
+    writes; values already there are kept."""
+    from upcycle.arch.config import with_legacy_keys
+
+    plain = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e5}, "dtype": "bfloat16"}
+    assert with_legacy_keys(plain) == {
+        **plain,
+        "rope_theta": 1e5,
+        "torch_dtype": "bfloat16",
+    }
+    scaled = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}
+    got = with_legacy_keys(scaled)
+    assert got["rope_theta"] == 5e5
+    assert got["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0}
+    assert (
+        with_legacy_keys({"rope_theta": 7.0, "rope_parameters": {"rope_theta": 9.0}})["rope_theta"]
+        == 7.0
+    )
+
+
+def test_a_lora_merge_carries_rope_theta_for_transformers_4(tmp_path, cli):
+    """The dense export of a LoRA run: its config.json names rope_theta as the source's
+    rope_parameters do (transformers 4.x would otherwise take 10000)."""
+    from test_train import TRAIN, write_data
+
+    base = save_tiny(str(tmp_path / "base"), "llama", tokenizer=True, rope_theta=12345.0)
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    args = ("--adapter", "lora", "--data", write_data(tmp_path), "--max-steps", "1", *TRAIN)
+    assert cli("train", base, run, *args).code == 0
+    assert cli("merge", run, merged, "-q").code == 0
+    config = json.loads((merged / "config.json").read_text())
+    assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == 12345.0
+    assert config["torch_dtype"] == config["dtype"]

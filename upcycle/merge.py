@@ -608,6 +608,7 @@ def write_standalone(
 
     from tqdm.auto import tqdm
 
+    from upcycle.arch.config import with_legacy_keys
     from upcycle.card import AUX_FILES
     from upcycle.convert import Summary
     from upcycle.errors import OptionError
@@ -644,6 +645,7 @@ def write_standalone(
         if dtype != "source":
             config["dtype"] = CONFIG_NAMES[out_dtype]
             config.pop("torch_dtype", None)
+        config = with_legacy_keys(config)  # readable by transformers 4.x too
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")

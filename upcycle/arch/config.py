@@ -127,10 +127,6 @@ def target_config(
         cfg[target.shared_width_key] = shared_width
     if target.normalizes_top_k:
         cfg[target.normalizes_top_k] = normalize_top_k
-    rope = cfg["rope_parameters"]
-    cfg["rope_theta"] = rope["rope_theta"]  # transformers 4.x, vLLM, llama.cpp
-    if rope.get("rope_type", "default") != "default":
-        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     cfg.update(
         router_aux_loss_coef=router_aux_loss_coef,
         output_router_logits=False,
@@ -138,6 +134,21 @@ def target_config(
         model_type=target.model_type,
         architectures=[target.architecture],
         dtype=dtype,
-        torch_dtype=dtype,  # the 4.x name
     )
-    return dict(sorted(cfg.items()))
+    return dict(sorted(with_legacy_keys(cfg).items()))
+
+
+def with_legacy_keys(cfg: dict) -> dict:
+    """cfg plus the keys transformers 4.x, vLLM and llama.cpp read where transformers 5 writes
+    others: `rope_theta` and `rope_scaling` next to `rope_parameters`, `torch_dtype` next to
+    `dtype`. Without rope_theta, transformers 4.x silently takes 10000 and the logits go wrong.
+    Keys already present are kept; a new dict."""
+    cfg = dict(cfg)
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            cfg.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    if cfg.get("dtype") is not None:
+        cfg.setdefault("torch_dtype", cfg["dtype"])
+    return cfg

@@ -163,6 +163,7 @@ def _dequantize(gguf_dir: str, gguf_name: str, out: str, log) -> None:
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _add_legacy_keys(os.path.join(out, "config.json"))
     files = {}
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
@@ -174,6 +175,17 @@ def _dequantize(gguf_dir: str, gguf_name: str, out: str, log) -> None:
             f,
             indent=2,
         )
+        f.write("\n")
+
+
+def _add_legacy_keys(path: str) -> None:
+    """The config that save_pretrained wrote, plus the keys transformers 4.x reads."""
+    from upcycle.arch.config import with_legacy_keys
+
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump(with_legacy_keys(config), f, indent=2, sort_keys=True)
         f.write("\n")
 
 
