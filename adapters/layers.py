@@ -159,22 +159,7 @@ class MixLoraFFN(_TunerLayer):
             from upcycle.kernels.mixlora_dense import routed_lora_swiglu_dense
 
             experts = self.mixlora_experts[name]
-            if dispatch.mixlora(h, s["num_experts"], experts.r, self.intermediate_size) == "dense":
-                y = routed_lora_swiglu_dense(
-                    h,
-                    base.gate_proj.weight,
-                    base.up_proj.weight,
-                    base.down_proj.weight,
-                    weights,
-                    ids,
-                    s["num_experts"],
-                    experts.pairs(h.dtype),
-                    s["scaling"],
-                    dropout_p=s["dropout"] if self.training else 0.0,
-                    expert_scale=s["expert_scale"],
-                )
-                return y.reshape(shape)
-            y = routed_lora_swiglu(
+            args = (
                 h,
                 base.gate_proj.weight,
                 base.up_proj.weight,
@@ -182,13 +167,16 @@ class MixLoraFFN(_TunerLayer):
                 weights,
                 ids,
                 s["num_experts"],
-                self.mixlora_experts[name].pairs(h.dtype),
+                experts.pairs(h.dtype),
                 s["scaling"],
-                dropout_p=s["dropout"] if self.training else 0.0,
-                expert_scale=s["expert_scale"],
-                recompute_base=self.recompute_base and self.training and torch.is_grad_enabled(),
             )
-            return y.reshape(shape)
+            common = dict(
+                dropout_p=s["dropout"] if self.training else 0.0, expert_scale=s["expert_scale"]
+            )
+            if dispatch.mixlora(h, s["num_experts"], experts.r, self.intermediate_size) == "dense":
+                return routed_lora_swiglu_dense(*args, **common).reshape(shape)
+            recompute = self.recompute_base and self.training and torch.is_grad_enabled()
+            return routed_lora_swiglu(*args, **common, recompute_base=recompute).reshape(shape)
         y = routed_lora_ffn(
             h,
             *(getattr(base, n).weight if plain else getattr(base, n) for n in ROLES),

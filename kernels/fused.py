@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from upcycle.kernels.reference import dropped_positions, sort_by_expert, zero_at
+from upcycle.kernels.reference import (
+    dropped_positions,
+    function_args,
+    sort_by_expert,
+    zero_at,
+)
 from upcycle.kernels.workspace import buffer, none_if_empty
 
 ROLES = ("gate", "up", "down")
@@ -274,10 +279,7 @@ def routed_lora_swiglu(
     `dropout_p` is applied to LoRA inputs when > 0 (callers pass 0 in eval mode). With
     `recompute_base`, the base gate/up projections are rerun in backward instead of kept.
     """
-    args = []
-    for role in ROLES:
-        a, b = lora.get(role, (None, None))
-        args += [a, b * scaling if b is not None else None]
+    args = function_args(lora, ROLES, scaling)
     w = weights * expert_scale if expert_scale != 1.0 else weights
     return RoutedLoraSwiGLU.apply(
         x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, recompute_base, *args

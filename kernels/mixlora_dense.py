@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from upcycle.kernels.reference import function_args
 
 ROLES = ("gate", "up", "down")
 
@@ -215,10 +216,7 @@ def routed_lora_swiglu_dense(
     `dropout_p` applies to LoRA inputs when > 0 (callers pass 0 in eval mode). LoRA factors
     are cast to x's dtype by the caller (`LoraExperts.pairs`).
     """
-    args = []
-    for role in ROLES:
-        a, b = lora.get(role, (None, None))
-        args += [a, b * scaling if b is not None else None]
+    args = function_args(lora, ROLES, scaling)
     w = weights * expert_scale if expert_scale != 1.0 else weights
     return DenseRoutedLoraSwiGLU.apply(
         x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, *args

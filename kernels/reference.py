@@ -39,6 +39,16 @@ def _segment_lora(xs: torch.Tensor, counts: list[int], pair: LoraPair) -> torch.
     return torch.cat(parts)
 
 
+def function_args(lora: dict[str, LoraPair], roles: tuple[str, ...], scaling: float) -> list:
+    """A_role, B_role * scaling for each role in order, None for a role without LoRA: the
+    trailing arguments of the routed-LoRA autograd Functions."""
+    args = []
+    for role in roles:
+        a, b = lora.get(role, (None, None))
+        args += [a, b * scaling if b is not None else None]
+    return args
+
+
 def _project(x: torch.Tensor, w) -> torch.Tensor:
     """x @ w^T for a weight tensor, or w(x) for a module (e.g. a quantized linear layer)."""
     return F.linear(x, w) if torch.is_tensor(w) else w(x)
