@@ -65,7 +65,6 @@ from pathlib import Path
 from measure import log
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKDIR = ROOT  # where the upcycle commands start (--workdir)
 RUNS = ("mixlora", "lora", "experts-lora", "mixlora-lean")
 # Runs that are an adapter on another implementation (upcycle.kernels.dispatch's overrides)
 VARIANTS = {"mixlora-lean": ("mixlora", {"UPCYCLE_MIXLORA": "lean"})}
@@ -212,14 +211,14 @@ class GpuMonitor:
         self.peak_mib = max(samples, default=None)
 
 
-def run_command(cmd: list[str], env: dict, logs: Path, timeout: float) -> dict:
-    """Run cmd from WORKDIR (the repository root unless --workdir), stdout and stderr to files under `logs`; returns rc,
+def run_command(cmd: list[str], env: dict, logs: Path, timeout: float, cwd: Path) -> dict:
+    """Run cmd from `cwd` (--workdir), stdout and stderr to files under `logs`; returns rc,
     timed_out, the child's ru_maxrss in MiB and the last lines of its stderr."""
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout.txt", "w") as out, open(logs / "stderr.txt", "w") as err:
         # Its own session, so that a timeout kills whatever it started too.
         proc = subprocess.Popen(
-            cmd, cwd=WORKDIR, env=env, stdout=out, stderr=err, start_new_session=True
+            cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
         )
         timed_out, deadline = False, time.monotonic() + timeout
         try:
@@ -282,9 +281,8 @@ def convert(dense: Path, moe: Path, args, work: Path) -> str | None:
     cmd = [sys.executable, "-m", "upcycle", "convert", str(dense), str(moe), "-E", "8", "-k", "2"]
     cmd.append("-q")
     log(f"converting to MoE: {shlex.join(['python', *cmd[1:]])}")
-    res = run_command(
-        cmd, child_env(args.env, "convert", args.smoke), work / "logs-convert", args.timeout
-    )
+    env = child_env(args.env, "convert", args.smoke)
+    res = run_command(cmd, env, work / "logs-convert", args.timeout, args.workdir)
     if res["rc"] == 0 and not res["timed_out"]:
         return None
     return "convert " + ": ".join(failure(cmd, res, args.timeout))
@@ -311,10 +309,10 @@ def train_run(adapter: str, model: Path, args, work: Path, gpu: bool) -> dict:
     logs = work / f"logs-{adapter}"
     if gpu:
         with GpuMonitor(work / f"gpu-memory-{adapter}.txt") as mon:
-            res = run_command(cmd, env, logs, args.timeout)
+            res = run_command(cmd, env, logs, args.timeout, args.workdir)
         record["peak_memory_mib"] = mon.peak_mib
     else:
-        res = run_command(cmd, env, logs, args.timeout)
+        res = run_command(cmd, env, logs, args.timeout, args.workdir)
         record["peak_memory_mib"] = round(res["rss_mib"], 1)
     if res["rc"] != 0 or res["timed_out"]:
         record["status"], record["error"] = failure(cmd, res, args.timeout)
@@ -383,8 +381,6 @@ def parse_args() -> argparse.Namespace:
         "install; elsewhere for an installed upcycle)",
     )
     args = ap.parse_args()
-    global WORKDIR
-    WORKDIR = args.workdir
     defaults = (3, 64, 2, "float32") if args.smoke else (10, 1024, 8, "bfloat16")
     for name, default in zip(("steps", "seq_len", "batch_size", "dtype"), defaults, strict=True):
         if getattr(args, name) is None:

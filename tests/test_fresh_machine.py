@@ -24,12 +24,20 @@ PATH_FOLDERS = ("", "bench", "bench/anchors", "examples", "tests")
 HANDED_OVER = {"adapters": "upcycle.adapters", "kernels": "upcycle.kernels"}
 
 
+def python(*args: str, cwd: str = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` in `cwd` (the repository root), in `env` (default: the test's environment
+    less PYTHONPATH), output captured."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [PY, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
 def run(code: str, cwd: str = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -c code` in `cwd`, with the test's environment less PYTHONPATH, plus `env`."""
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **(env or {})}
-    return subprocess.run(
-        [PY, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return python("-c", code, cwd=cwd, env=env)
 
 
 def test_transformers_imports_from_the_repository_root():
@@ -104,14 +112,10 @@ def test_no_module_in_a_path_folder_is_named_like_a_dependency():
 
 
 def test_a_bench_script_starts(tmp_path):
-    r = subprocess.run(
-        [PY, "bench/gpu_moe.py", "--smoke", "--configs", "fine", "--tokens", "16"]
-        + ["--reps", "1", "--warmup", "0", "--modes", "fwd", "--out", str(tmp_path / "o.json")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = python(
+        "bench/gpu_moe.py", "--smoke", "--configs", "fine", "--tokens", "16",
+        "--reps", "1", "--warmup", "0", "--modes", "fwd", "--out", str(tmp_path / "o.json"),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o.json").exists()
 
@@ -173,14 +177,8 @@ def test_an_example_trains_merges_and_answers_offline_and_quietly(tmp_path, no_n
         f"model: {base}\ndata: {write_data(tmp_path)}\nseq_len: 16\nbatch_size: 2\n"
         "num_experts: 2\nr: 2\nmax_steps: 2\nmax_eval_blocks: 2\nprogress: false\n"
     )
-    r = subprocess.run(
-        [PY, "examples/finetune_mixlora.py", "--config", str(config), "--out", str(tmp_path / "o")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = str(tmp_path / "o")
+    r = python("examples/finetune_mixlora.py", "--config", str(config), "--out", out, env=env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o" / "merged" / "config.json").exists()
     assert not log.exists(), log.read_text()
@@ -192,15 +190,10 @@ def test_upcycle_train_reaches_for_no_host(tmp_path, no_network):
 
     env, log = no_network
     base = save_tiny(str(tmp_path / "base"), "llama", tokenizer=True)
-    r = subprocess.run(
-        [PY, "-m", "upcycle", "train", base, str(tmp_path / "run"), "--data"]
-        + [str(write_data(tmp_path)), "--seq-len", "16", "--max-steps", "1", "-E", "2", "-q"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = python(
+        "-m", "upcycle", "train", base, str(tmp_path / "run"), "--data", str(write_data(tmp_path)),
+        "--seq-len", "16", "--max-steps", "1", "-E", "2", "-q", env=env,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert not log.exists(), log.read_text()
     assert "kernels-community" not in r.stderr, r.stderr
@@ -208,9 +201,7 @@ def test_upcycle_train_reaches_for_no_host(tmp_path, no_network):
 
 def test_importing_upcycle_adapters_is_quiet(no_network):
     env, log = no_network
-    r = subprocess.run(
-        [PY, "-c", "import upcycle.adapters"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    r = python("-c", "import upcycle.adapters", env=env)
     assert (r.returncode, r.stderr) == (0, "")
     assert not log.exists(), log.read_text()
 

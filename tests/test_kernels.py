@@ -14,16 +14,16 @@ def test_upcycle_experts_equal_eager_outputs_and_gradients(tmp_path, monkeypatch
     gradients (fp32), also with an expert that gets no token."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations.moe import ExpertsInterface
-    from upcycle.kernels.dispatch import experts_forward as sorted_experts_forward
+    from upcycle.kernels.dispatch import experts_forward
 
     calls = []
 
     def counted(*args):
         calls.append(1)
-        return sorted_experts_forward(*args)
+        return experts_forward(*args)
 
     path = save_tiny(str(tmp_path / family), family)
-    assert ExpertsInterface._global_mapping["upcycle"] is sorted_experts_forward
+    assert ExpertsInterface._global_mapping["upcycle"] is experts_forward
     monkeypatch.setitem(ExpertsInterface._global_mapping, "upcycle", counted)
     ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(0))
     results = []
@@ -237,7 +237,7 @@ def test_upcycle_experts_other_gates_use_autograd_path():
     path and still equal eager, gradients included."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    from upcycle.kernels.experts import is_plain_swiglu as _is_plain_swiglu
+    from upcycle.kernels.experts import is_plain_swiglu
 
     torch.manual_seed(0)
     cfg = MixtralConfig(
@@ -251,7 +251,7 @@ def test_upcycle_experts_other_gates_use_autograd_path():
         block = MixtralSparseMoeBlock(cfg)
         for p in block.parameters():
             torch.nn.init.normal_(p, std=0.3)
-        assert not _is_plain_swiglu(block.experts)
+        assert not is_plain_swiglu(block.experts)
         x = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
         y = block(x)
         y.square().sum().backward()

@@ -9,7 +9,7 @@ router and the MoE backbone of an `upcycle_readme` model in turns. Each of `--ro
    w = `--router-kl-weight` (0.25: the paper's 0.75 CE + 0.25 KL).
 2. backbone phase (`--backbone-steps`): every other parameter trains (attention, residual and
    routed experts, norms, embeddings and LM head), the router is frozen; the LM loss of the
-   other training modes (`upcycle.train.loop.batch_loss`).
+   other training modes (`upcycle.train.components.batch_loss`).
 
 Each phase gets a fresh AdamW (`--router-lr` or `--lr`, times `--lr-decay` ** round, constant
 within the phase): moments of parameters frozen for a whole phase would be stale.
@@ -22,7 +22,7 @@ They are computed once, before training, for exactly the training blocks the rou
 draw and for the held-out blocks, and stored in OUT/readme_labels.safetensors, so a resumed run
 needs no dense model and sees the same labels.
 
-Batches are drawn by index arithmetic (`upcycle.train.loop.epoch_order`): backbone phases from
+Batches are drawn by index arithmetic (`upcycle.train.components.epoch_order`): backbone phases from
 the permutation stream of `--seed` (the one `--adapter full` draws), router phases from their own
 stream; global phase step g of round r is r * steps + s. So the state of a run is its position
 (round, phase, step in phase), the weights and the phase's optimizer: checkpoints hold those and
@@ -32,7 +32,8 @@ Where things are, in file order: `ReadmeMode` (what a checkpoint saves and loads
 arithmetic (`_draw`, `_positions`, `_router_rows`); the dense source and its labels
 (`dense_source`, `compute_labels`, label files); the router's loss and metrics
 (`router_terms`, `router_metrics`); checkpoints; `train_readme`, the round loop; and the two
-step functions, `_router_step` and `_backbone_step`.
+step functions, `_router_step` and `_backbone_step`. What it shares with the adapter recipe
+(data, model loading, batches and loss, the run folder, Ctrl-C) is `upcycle.train.components`.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ ROUTER_STREAM = 104_729  # the router phases' data order: seed + this (backbone:
 
 
 class _OneProcess:
-    """What `upcycle.train.loop.evaluate_loss` asks of an Accelerator, for one process."""
+    """What `upcycle.train.components.evaluate_loss` asks of an Accelerator, for one process."""
 
     process_index, num_processes, is_main_process = 0, 1, True
 
