@@ -7,13 +7,14 @@ the positions of the dropped elements and the rank-r LoRA activations; with `rec
 reruns only the base gate/up projections there. So checkpointing it saves little memory and
 costs a whole FFN forward per layer and step.
 
-`checkpoint_attention_only` changes that for pre-norm decoder layers (llama, mistral, qwen2,
-qwen3): per layer, only [input norm, attention, residual add, post-attention norm] is
-checkpointed, and the FFN runs once, outside. Per layer this keeps two (tokens, hidden) tensors
-(the layer input, as before, and the FFN input) plus the FFN's lean state; on the default model
-(fp32, 1k tokens) about 5 MB per layer more than whole-layer checkpointing; with the cheaper
-dropout of the same change, the step got 16% shorter on one CPU thread (docs/benchmarks.md). Layers whose FFN is not on the fused path
-keep transformers' whole-layer checkpointing.
+`checkpoint_attention_only` changes that for pre-norm decoder layers (the architectures whose
+record in `upcycle.arch` has ``pre_norm_layers``: llama, mistral, qwen2, qwen3): per layer,
+only [input norm, attention, residual add, post-attention norm] is checkpointed, and the FFN
+runs once, outside. Per layer this keeps two (tokens, hidden) tensors (the layer input, as
+before, and the FFN input) plus the FFN's lean state; on the default model (fp32, 1k tokens)
+about 5 MB per layer more than whole-layer checkpointing; with the cheaper dropout of the same
+change, the step got 16% shorter on one CPU thread (docs/benchmarks.md). Layers whose FFN is
+not on the fused path keep transformers' whole-layer checkpointing.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import types
 import torch
 import torch.nn as nn
 
-# decoder layers with the pre-norm sequence `forward` below reproduces (transformers 5)
-PRE_NORM_LAYERS = ("llama", "mistral", "qwen2", "qwen3")
+from upcycle.arch import record
 
 
 def _attention_part(layer, hidden_states, attention_mask, position_ids, embeddings, kwargs):
@@ -76,11 +76,12 @@ def _forward(
 def checkpoint_attention_only(model: nn.Module) -> int:
     """Checkpoint only the attention part of every decoder layer whose FFN is a fused MixLoRA
     FFN; call after `gradient_checkpointing_enable`. Returns how many layers changed (0 for
-    architectures outside PRE_NORM_LAYERS or without fused FFNs)."""
+    architectures whose decoder layers are not the pre-norm sequence `_forward` reproduces
+    (`Arch.pre_norm_layers`, transformers 5) or without fused FFNs)."""
     from upcycle.adapters.layers import MixLoraFFN
 
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in PRE_NORM_LAYERS:
+    if not record(getattr(config, "model_type", None)).pre_norm_layers:
         return 0
     changed = 0
     for layer in model.modules():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
+from upcycle.adapters.export import lora_scaling
 
 FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -119,4 +120,4 @@ class MixLoraConfig(PeftConfig):
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        return lora_scaling(self.lora_alpha, self.r)

@@ -13,7 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
-from upcycle.kernels.reference import balance_loss, routed_lora_ffn, top_k_routing, z_loss
+from upcycle.adapters.export import expert_view, lora_scaling
+from upcycle.kernels.reference import routed_lora_ffn
+
+from upcycle.nn.routing import balance_loss, top_k_routing, z_loss
 
 ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -87,19 +90,13 @@ class MixLoraFFN(_TunerLayer):
     def update_layer(self, adapter_name: str, config) -> None:
         H, inter = self.hidden_size, self.intermediate_size
         E = config.num_experts
-        if config.expert_view == "granular":
-            if inter % config.granularity:
-                raise ValueError(
-                    f"granularity {config.granularity} does not divide the FFN width {inter}"
-                )
-            width = inter // config.granularity
-            slices = [
-                ((e % config.granularity) * width, (e % config.granularity + 1) * width)
-                for e in range(E)
-            ]
-            expert_scale = config.top_k / (E // config.granularity)
-        else:
-            width, slices, expert_scale = inter, None, 1.0
+        granular = config.expert_view == "granular"
+        if granular and inter % config.granularity:
+            raise ValueError(
+                f"granularity {config.granularity} does not divide the FFN width {inter}"
+            )
+        view = expert_view(granular, E, config.top_k, inter, config.granularity)
+        width = view.width
         dims = {"gate": (H, width), "up": (H, width), "down": (width, H)}
         roles = [ROLES[m] for m in ROLES if m in config.target_modules]
         router = nn.Linear(H, E, bias=False, dtype=torch.float32)
@@ -111,12 +108,12 @@ class MixLoraFFN(_TunerLayer):
         self.settings[adapter_name] = dict(
             num_experts=E,
             top_k=config.top_k,
-            scaling=config.lora_alpha / config.r,
+            scaling=lora_scaling(config.lora_alpha, config.r),
             aux=config.router_aux_loss_coef,
             z=config.router_z_loss_coef,
             jitter=config.jitter_noise,
-            slices=slices,
-            expert_scale=expert_scale,
+            slices=view.slices,
+            expert_scale=view.scale,
             dropout=p,
         )
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
@@ -154,11 +151,8 @@ class MixLoraFFN(_TunerLayer):
         base = self.base_layer
         plain = all(type(getattr(base, n)) is nn.Linear for n in ROLES)
         if self.uses_fused(name):
-            from upcycle.kernels import dispatch
-            from upcycle.kernels.fused import routed_lora_swiglu
-            from upcycle.kernels.mixlora_dense import routed_lora_swiglu_dense
+            from upcycle.kernels.dispatch import routed_lora_swiglu
 
-            experts = self.mixlora_experts[name]
             args = (
                 h,
                 base.gate_proj.weight,
@@ -167,14 +161,12 @@ class MixLoraFFN(_TunerLayer):
                 weights,
                 ids,
                 s["num_experts"],
-                experts.pairs(h.dtype),
+                self.mixlora_experts[name].pairs(h.dtype),
                 s["scaling"],
             )
             common = dict(
                 dropout_p=s["dropout"] if self.training else 0.0, expert_scale=s["expert_scale"]
             )
-            if dispatch.mixlora(h, s["num_experts"], experts.r, self.intermediate_size) == "dense":
-                return routed_lora_swiglu_dense(*args, **common).reshape(shape)
             recompute = self.recompute_base and self.training and torch.is_grad_enabled()
             return routed_lora_swiglu(*args, **common, recompute_base=recompute).reshape(shape)
         y = routed_lora_ffn(
@@ -219,7 +211,7 @@ class LoraLinear(_TunerLayer):
         self.mixlora_B[adapter_name] = b
         p = config.lora_dropout
         self.mixlora_dropout[adapter_name] = make_dropout(p)
-        self.scaling[adapter_name] = config.lora_alpha / config.r
+        self.scaling[adapter_name] = lora_scaling(config.lora_alpha, config.r)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -275,30 +267,18 @@ class ExpertsLora(_TunerLayer):
         self.mixlora_experts[adapter_name] = LoraExperts(E, config.r, dims)
         p = config.lora_dropout
         self.mixlora_dropout[adapter_name] = make_dropout(p)
-        self.scaling[adapter_name] = config.lora_alpha / config.r
+        self.scaling[adapter_name] = lora_scaling(config.lora_alpha, config.r)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
-        from upcycle.kernels import ops
         from upcycle.kernels.dispatch import routed_experts_lora
-        from upcycle.kernels.experts import is_silu
 
         name = self.active_adapters[0]
         base = self.base_layer
         p = getattr(self.mixlora_dropout[name], "p", 0.0) if self.training else 0.0
-        if not p and is_silu(base.act_fn) and ops.use_triton(hidden_states, base.gate_up_proj):
-            return ops.experts_swiglu(  # the Triton kernels (CUDA): no LoRA dropout there
-                hidden_states,
-                base.gate_up_proj,
-                base.down_proj,
-                top_k_index,
-                top_k_weights,
-                self.mixlora_experts[name].pairs(hidden_states.dtype),
-                self.scaling[name],
-            )
-        return routed_experts_lora(
+        return routed_experts_lora(  # the kernel that runs: upcycle.kernels.dispatch's rule
             hidden_states,
             base.gate_up_proj,
             base.down_proj,

@@ -17,16 +17,9 @@ from upcycle.adapters.layers import (
     is_gated_ffn,
 )
 
+from upcycle.arch import record
+
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-_MOE_MODEL_TYPES = (
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "deepseek_v3",
-    "phimoe",
-    "upcycle_bam",
-)
 
 
 class MixLoraModel(BaseTuner):
@@ -50,67 +43,10 @@ class MixLoraModel(BaseTuner):
     ) -> None:
         config = self.peft_config[adapter_name]
         config.validate()
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if config.mode == "mixlora" and model_type in _MOE_MODEL_TYPES:
-            raise ValueError(
-                f"the base is already an MoE model ({model_type}); put LoRA on its experts "
-                "with the experts-lora adapter instead"
-            )
-        from upcycle.adapters.fingerprint import model_fingerprint
-
-        fingerprint = model_fingerprint(model)
-        if config.base_fingerprint is None:
-            config.base_fingerprint = fingerprint
-        elif config.base_fingerprint != fingerprint:
-            raise ValueError(
-                "this MixLoRA adapter was trained on another base model "
-                f"(fingerprint {config.base_fingerprint}, this model's is {fingerprint})"
-            )
+        _check_base(model, config)
         if any(isinstance(m, self.tuner_layer_cls) for m in model.modules()):
             raise ValueError("the model already has a MixLoRA adapter (one per model)")
-        layers = set(config.layers_to_transform) if config.layers_to_transform else None
-        attention = [m for m in config.target_modules if m in ATTENTION_MODULES]
-        ffns, linears, experts, routers = [], [], [], []
-        for name, module in model.named_modules():
-            found = _LAYER_INDEX.search(name + ".")
-            if found is None or (layers is not None and int(found.group(1)) not in layers):
-                continue
-            if config.mode == "experts" and is_fused_experts(module):
-                experts.append(name)
-                router = name.rsplit(".", 1)[0] + ".gate"
-                weight = (
-                    getattr(model.get_submodule(router), "weight", None)
-                    if _has(model, router)
-                    else None
-                )
-                if weight is None or weight.shape != (
-                    module.gate_up_proj.shape[0],
-                    module.gate_up_proj.shape[2],
-                ):
-                    raise ValueError(
-                        f"{name}: no router `gate` with an (experts, hidden) weight next to it"
-                    )
-                routers.append(router)
-            elif config.mode == "experts" and _is_attention_router(name, module):
-                routers.append(name)  # bam's soft attention routers train with the FFN routers
-            elif config.mode == "mixlora" and is_gated_ffn(module):
-                ffns.append(name)
-            elif isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in attention:
-                linears.append(name)
-        if config.mode == "experts":
-            if not experts:
-                raise ValueError(
-                    "found no MoE experts (fused gate_up_proj/down_proj) in the model; "
-                    "for a dense base use the mixlora adapter"
-                )
-            first = model.get_submodule(experts[0]).gate_up_proj
-            config.num_experts = int(first.shape[0])
-            config.top_k = int(getattr(model.config, "num_experts_per_tok", config.top_k))
-        elif not ffns:
-            raise ValueError(
-                "found no gated FFN (gate_proj, up_proj, down_proj) in the model to turn into "
-                "LoRA experts"
-            )
+        ffns, linears, experts, routers = _find_targets(model, config)
         for name in ffns:
             self._replace(model, name, lambda m: MixLoraFFN(m, adapter_name, config))
         for name in experts:
@@ -173,6 +109,77 @@ class MixLoraModel(BaseTuner):
             "MixLoRA experts do not fold into a dense model; export a stock MoE checkpoint "
             "with `upcycle merge RUN OUT` (or upcycle.merge.merge)"
         )
+
+
+def _check_base(model: nn.Module, config) -> None:
+    """Refuse a base the adapter does not fit: an MoE for MixLoRA (its record in upcycle.arch
+    says so), or another base than the one the adapter was trained on. A new adapter takes
+    the base's fingerprint."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config.mode == "mixlora" and record(model_type).is_moe:
+        raise ValueError(
+            f"the base is already an MoE model ({model_type}); put LoRA on its experts "
+            "with the experts-lora adapter instead"
+        )
+    from upcycle.adapters.fingerprint import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
+    if config.base_fingerprint is None:
+        config.base_fingerprint = fingerprint
+    elif config.base_fingerprint != fingerprint:
+        raise ValueError(
+            "this MixLoRA adapter was trained on another base model "
+            f"(fingerprint {config.base_fingerprint}, this model's is {fingerprint})"
+        )
+
+
+def _find_targets(model: nn.Module, config):
+    """The modules the adapter replaces, by kind: (gated FFNs, attention linears, fused
+    experts, routers). For experts-lora, also sets config.num_experts and config.top_k from
+    the model."""
+    layers = set(config.layers_to_transform) if config.layers_to_transform else None
+    attention = [m for m in config.target_modules if m in ATTENTION_MODULES]
+    ffns, linears, experts, routers = [], [], [], []
+    for name, module in model.named_modules():
+        found = _LAYER_INDEX.search(name + ".")
+        if found is None or (layers is not None and int(found.group(1)) not in layers):
+            continue
+        if config.mode == "experts" and is_fused_experts(module):
+            experts.append(name)
+            routers.append(_router_of(model, name, module))
+        elif config.mode == "experts" and _is_attention_router(name, module):
+            routers.append(name)  # bam's soft attention routers train with the FFN routers
+        elif config.mode == "mixlora" and is_gated_ffn(module):
+            ffns.append(name)
+        elif isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in attention:
+            linears.append(name)
+    if config.mode == "experts":
+        if not experts:
+            raise ValueError(
+                "found no MoE experts (fused gate_up_proj/down_proj) in the model; "
+                "for a dense base use the mixlora adapter"
+            )
+        first = model.get_submodule(experts[0]).gate_up_proj
+        config.num_experts = int(first.shape[0])
+        config.top_k = int(getattr(model.config, "num_experts_per_tok", config.top_k))
+    elif not ffns:
+        raise ValueError(
+            "found no gated FFN (gate_proj, up_proj, down_proj) in the model to turn into "
+            "LoRA experts"
+        )
+    return ffns, linears, experts, routers
+
+
+def _router_of(model: nn.Module, name: str, experts: nn.Module) -> str:
+    """The name of the router `gate` next to the fused experts `name`, checked for shape."""
+    router = name.rsplit(".", 1)[0] + ".gate"
+    weight = getattr(model.get_submodule(router), "weight", None) if _has(model, router) else None
+    if weight is None or weight.shape != (
+        experts.gate_up_proj.shape[0],
+        experts.gate_up_proj.shape[2],
+    ):
+        raise ValueError(f"{name}: no router `gate` with an (experts, hidden) weight next to it")
+    return router
 
 
 def _is_attention_router(name: str, module: nn.Module) -> bool:

@@ -14,7 +14,7 @@ Run from the repository root with the project's virtualenv:
    `upcycle eval MODEL --data builtin:D --max-tokens N --json` (seq_len 512).
 2. Router accuracy: on held-out blocks of each domain (2048 tokens each), the top-1 agreement
    of `model.plan_experts(ids)` with the activation labels (argmax of
-   `upcycle.converters.readme.activation_scores` of the dense model with the conversion's
+   `upcycle.methods.readme.activation_scores` of the dense model with the conversion's
    neuron membership). Baselines: the commonest label's share (a constant answer), and for all
    domains together the answer "each domain's commonest label" (a router told the domain).
 3. Lookahead caching: a stream of 64 held-out requests of every domain (16 prompt + 48
@@ -148,9 +148,9 @@ def activation_labels(converted: str, blocks: dict, threads: int) -> dict:
     """Per domain, the dense model's activation label of every held-out token."""
     import torch
 
-    from upcycle.converters.calibration import load_for_calibration
-    from upcycle.converters.readme import activation_scores, load_membership
     from upcycle.io.default_model import resolve_model
+    from upcycle.methods.calibration import load_for_calibration
+    from upcycle.methods.readme import activation_scores, load_membership
 
     torch.set_num_threads(threads)
     member = load_membership(converted)

@@ -18,8 +18,8 @@ import yaml
 
 from upcycle.io.hub import stay_offline
 from upcycle.merge import merge
-from upcycle.train.loop import train
 from upcycle.train.options import TrainOptions
+from upcycle.train.recipes import train
 
 
 def main() -> None:

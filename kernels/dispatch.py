@@ -16,35 +16,44 @@ experts, `experts_implementation="upcycle"` (plain SwiGLU experts, no LoRA):
   15-45% at 4096 tokens.
 
 experts with LoRA deltas (`--adapter experts-lora`, `routed_experts_lora` below):
-  CUDA, bf16/fp16, ranks in multiples of 8: grouped_mm for base and LoRA products
+  CUDA, SiLU experts without LoRA dropout (eval, or lora_dropout 0): the Triton kernels
+  (`ops.experts_swiglu` with the LoRA pairs), at any token count; this case has not been timed
+  against grouped_mm on its own (issue 16 keeps that measurement open).
+  CUDA otherwise, bf16/fp16, ranks in multiples of 8: grouped_mm for base and LoRA products
   (`grouped.experts_lora`). The sorted Function, which the CPU needs, cost 5.1-6.9x the
   frozen grouped_mm floor on the H200 (host syncs, per-expert loops).
-  Otherwise: the sorted Function (SiLU) or the reference (autograd per expert).
+  CUDA, other dtypes or ranks: the Triton kernels where they apply (SiLU, no dropout).
+  Otherwise and on CPU: the sorted Function (SiLU) or the reference (autograd per expert).
 
-MixLoRA FFN (copy view, SiLU gate, plain linears):
+MixLoRA FFN (copy view, SiLU gate, plain linears; `routed_lora_swiglu` below):
   CUDA, when `mixlora_dense.fits` (E*r <= I/8): the dense Function (`mixlora_dense`): cuBLAS
   products only, no sorting, no host syncs. `upcycle train` on a 1.1B llama (H200, bf16, seq
   1024, batch 8; bench/gpu_train.py, 2026-12-04): dense 30.5k tokens/s, 20.3 GB; the lean
   sorted Function with Triton segment products 17.2k, 18.8 GB; plain LoRA 35.8k, 26.0 GB.
-  Otherwise and on CPU: the lean sorted Function (`fused.routed_lora_swiglu`), which is what
-  the CPU figures in docs/benchmarks.md measure.
+  Otherwise: the lean sorted Function (`fused.routed_lora_swiglu`), its per-expert LoRA
+  products on the Triton kernels where they run (`triton_runs_on`: CUDA), else in torch per
+  segment, which is what the CPU figures in docs/benchmarks.md measure.
 
-`experts_forward` (what transformers calls for "upcycle", see `register`) and
-`routed_experts_lora` are the entry points that follow these rules.
+`experts_forward` (what transformers calls for "upcycle", see `register`),
+`routed_experts_lora` and `routed_lora_swiglu` are the entry points that follow these rules;
+`experts`, `experts_lora` and `mixlora` name the choice without running it.
 
 Overrides for benchmarks and tests: UPCYCLE_EXPERTS=triton|grouped_mm|sorted and
 UPCYCLE_MIXLORA=dense|lean pick one implementation wherever it can run; UPCYCLE_TRITON=1 runs
-the Triton kernels on any device (the CPU tests, under TRITON_INTERPRET=1).
+the Triton kernels on any device wherever they apply (the CPU tests, under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from torch import Tensor
 
 NAME = "upcycle"  # experts_implementation=NAME
 TRITON_MAX_TOKENS = 64
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+EXPERTS_CHOICES = ("triton", "grouped_mm", "sorted")
 
 
 def _override(name: str, choices: tuple[str, ...]) -> str | None:
@@ -54,19 +63,27 @@ def _override(name: str, choices: tuple[str, ...]) -> str | None:
     return value or None
 
 
+def _triton_env() -> bool:
+    return os.environ.get("UPCYCLE_TRITON") == "1"
+
+
+def triton_runs_on(*tensors: Tensor) -> bool:
+    """Whether the Triton kernels can take these tensors: on any device under UPCYCLE_TRITON=1
+    (the CPU tests, under TRITON_INTERPRET=1), else when triton is installed and every tensor
+    is on CUDA."""
+    return _triton_env() or (TRITON_INSTALLED and all(t.is_cuda for t in tensors))
+
+
 def experts(x: Tensor, plain_swiglu: bool) -> str:
     """ "triton", "grouped_mm" or "sorted" for an experts forward on x (T, H); "sorted" means
     the sorted Function for plain SwiGLU experts and autograd per expert for the others."""
-    from upcycle.kernels import ops
-
-    triton_env = os.environ.get("UPCYCLE_TRITON") == "1"
     can = {"sorted", "grouped_mm"}
-    if plain_swiglu and (triton_env or (x.is_cuda and ops.TRITON_INSTALLED)):
+    if plain_swiglu and triton_runs_on(x):
         can.add("triton")
-    forced = _override("UPCYCLE_EXPERTS", ("triton", "grouped_mm", "sorted"))
+    forced = _override("UPCYCLE_EXPERTS", EXPERTS_CHOICES)
     if forced in can:
         return forced
-    if triton_env and "triton" in can:
+    if _triton_env() and "triton" in can:
         return "triton"
     if not x.is_cuda:
         return "sorted"
@@ -75,14 +92,31 @@ def experts(x: Tensor, plain_swiglu: bool) -> str:
     return "grouped_mm"
 
 
-def experts_lora(x: Tensor, lora: dict) -> str:
-    """ "grouped_mm" or "sorted" for experts with LoRA deltas."""
+def experts_lora(x: Tensor, lora: dict, *, silu: bool = False, dropout_p: float = 0.0) -> str:
+    """ "triton", "grouped_mm" or "sorted" for experts with LoRA deltas on x (T, H); "sorted"
+    means the sorted Function for SiLU experts and the reference for the others. The Triton
+    kernels take SiLU experts without LoRA dropout only."""
     from upcycle.kernels import grouped
 
-    forced = _override("UPCYCLE_EXPERTS", ("triton", "grouped_mm", "sorted"))
-    if forced == "sorted" or os.environ.get("UPCYCLE_TRITON") == "1":
+    can = {"sorted"}
+    if silu and not dropout_p and triton_runs_on(x):
+        can.add("triton")
+    if grouped.supports(x, lora):
+        can.add("grouped_mm")
+    forced = _override("UPCYCLE_EXPERTS", EXPERTS_CHOICES)
+    if forced in can:
+        return forced
+    if _triton_env():
+        return "triton" if "triton" in can else "sorted"
+    if not x.is_cuda:
         return "sorted"
-    return "grouped_mm" if grouped.supports(x, lora) else "sorted"
+    # Triton wherever it runs (no LoRA dropout: eval, or --dropout 0), at any token count, as
+    # before this rule moved here; training with dropout (bench/gpu_train.py's experts-lora run,
+    # 29.0k tokens/s on the H200) takes grouped_mm.
+    for path in ("triton", "grouped_mm"):
+        if path in can:
+            return path
+    return "sorted"
 
 
 def mixlora(x: Tensor, num_experts: int, r: int, intermediate: int) -> str:
@@ -134,22 +168,64 @@ def routed_experts_lora(
     dropout_p: float = 0.0,
 ) -> Tensor:
     """`reference.routed_experts_lora` (experts with per-expert LoRA deltas) on the
-    implementation `experts_lora` picks: grouped_mm, the sorted Function (SiLU) or the
-    reference itself."""
+    implementation `experts_lora` picks: the Triton kernels, grouped_mm, the sorted Function
+    (SiLU) or the reference itself."""
     from upcycle.kernels import experts as sorted_experts
     from upcycle.kernels import grouped, reference
 
-    if experts_lora(x, lora) == "grouped_mm":
+    silu = sorted_experts.is_silu(act)
+    path = experts_lora(x, lora, silu=silu, dropout_p=dropout_p)
+    if path == "triton":
+        from upcycle.kernels import ops
+
+        return ops.experts_swiglu(x, gate_up_w, down_w, ids, weights, lora, scaling)
+    if path == "grouped_mm":
         return grouped.experts_lora(
             x, gate_up_w, down_w, act, weights, ids, lora, scaling, dropout_p
         )
-    if sorted_experts.is_silu(act):
+    if silu:
         return sorted_experts.sorted_swiglu_experts(
             x, weights, ids, gate_up_w, down_w, lora, scaling, dropout_p
         )
     return reference.routed_experts_lora(
         x, gate_up_w, down_w, act, weights, ids, lora, scaling, dropout_p=dropout_p
     )
+
+
+def routed_lora_swiglu(
+    x: Tensor,
+    gate_w: Tensor,
+    up_w: Tensor,
+    down_w: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    num_experts: int,
+    lora: dict,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    expert_scale: float = 1.0,
+    recompute_base: bool = False,
+) -> Tensor:
+    """`reference.routed_lora_ffn` for a SiLU-gated FFN of plain linears (copy view) on the
+    implementation `mixlora` picks: the dense Function, or the lean sorted one (its LoRA
+    products on the Triton kernels where `triton_runs_on` says they run; `recompute_base`
+    applies to it only). lora: {role: (A (E, r, in), B (E, out, r))}, one rank for all."""
+    rank = next(iter(lora.values()))[0].shape[1]
+    if mixlora(x, num_experts, rank, gate_w.shape[0]) == "dense":
+        from upcycle.kernels.mixlora_dense import routed_lora_swiglu_dense
+
+        return routed_lora_swiglu_dense(
+            x, gate_w, up_w, down_w, weights, ids, num_experts, lora, scaling,
+            dropout_p=dropout_p, expert_scale=expert_scale,
+        )  # fmt: skip
+    from upcycle.kernels.fused import routed_lora_swiglu as lean
+
+    return lean(
+        x, gate_w, up_w, down_w, weights, ids, num_experts, lora, scaling,
+        dropout_p=dropout_p, expert_scale=expert_scale, recompute_base=recompute_base,
+        triton=triton_runs_on(x),
+    )  # fmt: skip
 
 
 def register() -> bool:

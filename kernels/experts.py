@@ -11,8 +11,8 @@ deterministic.
 
 SwiGLU experts (the default gate with SiLU: mixtral, qwen2_moe, qwen3_moe, olmoe, ...) run
 through `SortedSwiGLU`, one autograd Function with a hand-written backward that also carries
-optional per-expert LoRA deltas (`upcycle.kernels.reference.routed_experts_lora`, which
-`--adapter experts-lora` runs). On the 2-core development VM a 4096-token forward+backward
+optional per-expert LoRA deltas (the function of `upcycle.kernels.reference.routed_experts_lora`,
+which `--adapter experts-lora` runs through `upcycle.kernels.dispatch.routed_experts_lora`). On the 2-core development VM a 4096-token forward+backward
 takes 2-17% longer than the bare per-expert GEMMs of the same routing (bench/cpu_moe.py's
 "gemm floor"), transformers' grouped_mm 15-45% longer. What it removes against autograd over
 per-expert ops:
@@ -22,7 +22,7 @@ per-expert ops:
   a 128-token step). Frozen weights get no weight-gradient products at all.
 - Temporaries that are not kept for backward (the gated activation, all gradients of
   activations, the sorted copies of x and of the incoming gradient) live in a reused
-  per-thread workspace (`upcycle.kernels.fused`); only the (T*K, 2I) projection is kept and
+  per-thread workspace (`upcycle.kernels.workspace`); only the (T*K, 2I) projection is kept and
   the gated activation is recomputed from it. Each expert's rows are processed together and
   the SiLU-gate chain runs in place, in row blocks of about 2 MiB per tensor, right after the
   product that wrote its input, so it reads from cache.
@@ -240,6 +240,38 @@ def _shift(rows: slice, span: slice) -> slice:
     return slice(rows.start - span.start, rows.stop - span.start)
 
 
+def _grad_stacks(
+    stacks: dict[str, torch.Tensor | None], needed: tuple[bool, ...], counts: list[int]
+) -> dict[str, torch.Tensor | None]:
+    """A fresh gradient stack (`_empty`) per tensor of `stacks` whose flag in `needed` (same
+    order) is set, else None. Experts without rows get zeros; backward writes the others whole."""
+    grads = {
+        name: _empty(t.shape, t.dtype, t.device) if t is not None and need else None
+        for (name, t), need in zip(stacks.items(), needed, strict=True)
+    }
+    for g in grads.values():
+        for e, n in enumerate(counts):
+            if g is not None and not n:
+                g[e].zero_()
+    return grads
+
+
+def _dx(dys, d_xd, valid, order, tokens, top_k, drop_x, dtype) -> torch.Tensor:
+    """x's gradient from the first `valid` sorted rows of dys (dx rows) and, under x dropout,
+    the LoRA part d_xd, whose per-token mask applies after the slot sums."""
+    dx = _slot_sum(dys[:valid], order, tokens, top_k)
+    if d_xd is not None:
+        dx += zero_at(_slot_sum(d_xd, order, tokens, top_k), drop_x)
+    return dx.to(dtype)
+
+
+def _unsorted(d_ws: torch.Tensor, order: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """The routing weights' gradient: sorted rows back in (token, slot) order, shaped and typed
+    as the weights."""
+    d_weights = torch.empty_like(d_ws).index_copy_(0, order, d_ws)
+    return d_weights.view(shape).to(dtype)
+
+
 class SortedSwiGLU(torch.autograd.Function):
     """y[t] = sum_k w[t,k] * FFN_{ids[t,k]}(x[t]), SwiGLU experts with optional LoRA deltas.
 
@@ -323,15 +355,8 @@ class SortedSwiGLU(torch.autograd.Function):
             xs = _gather(x, tokens, "moe_xs", cd)
         if a1 is not None:
             xd = xs if drop_x is None else _gather(x, tokens, "moe_xd", cd, drop_x)
-        grads = {
-            name: _empty(t.shape, t.dtype, t.device) if t is not None and ctx.needs_input_grad[i] else None
-            for name, t, i in (("w1", w1, 3), ("w2", w2, 4), ("a1", a1, 5), ("b1", b1, 6),
-                               ("a2", a2, 7), ("b2", b2, 8))
-        }  # fmt: skip
-        for g in grads.values():
-            for e, n in enumerate(counts):
-                if g is not None and not n:
-                    g[e].zero_()
+        stacks = {"w1": w1, "w2": w2, "a1": a1, "b1": b1, "a2": a2, "b2": b2}
+        grads = _grad_stacks(stacks, ctx.needs_input_grad[3:9], counts)
         d_ws = torch.zeros(tokens.shape[0], dtype=cd, device=x.device) if need_w else None
         d_xd = None
         if need_x and a1 is not None and drop_x is not None:  # per-token mask: after the sums
@@ -387,15 +412,8 @@ class SortedSwiGLU(torch.autograd.Function):
                         dx_e.addmm_(d_low, _w(a1[e], like))
                     elif a1 is not None:
                         torch.mm(d_low, _w(a1[e], like), out=d_xd[rows])
-        dx = d_weights = None
-        if need_x:
-            dx = _slot_sum(dys[:valid], order, tokens, ctx.top_k)
-            if d_xd is not None:
-                dx += zero_at(_slot_sum(d_xd, order, tokens, ctx.top_k), drop_x)
-            dx = dx.to(x.dtype)
-        if need_w:
-            d_weights = torch.empty_like(d_ws).index_copy_(0, order, d_ws)
-            d_weights = d_weights.view(ctx.weights_shape).to(ctx.weights_dtype)
+        dx = _dx(dys, d_xd, valid, order, tokens, ctx.top_k, drop_x, x.dtype) if need_x else None
+        d_weights = _unsorted(d_ws, order, ctx.weights_shape, ctx.weights_dtype) if need_w else None
         return (
             dx, d_weights, None, grads["w1"], grads["w2"],
             grads["a1"], grads["b1"], grads["a2"], grads["b2"], None, None, None,

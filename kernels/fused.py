@@ -12,14 +12,20 @@ the whole FFN forward.
 On CPU, every fresh large tensor costs page faults (glibc hands big blocks back to the kernel
 when they are freed), which made the element-wise work as slow as the matrix products. So the
 temporaries live in a per-thread workspace (`upcycle.kernels.workspace`) that is reused by
-every layer and step, and the element-wise chains run in place. Dropout's 1/(1-p) scale is folded into the rank-r
-activations instead of being applied to (tokens*k, I) tensors.
+every layer and step, and the element-wise chains run in place. Dropout's 1/(1-p) scale is
+folded into the rank-r activations instead of being applied to (tokens*k, I) tensors.
+
+The per-expert LoRA products run segment by segment in torch, or, where
+`upcycle.kernels.dispatch` says so (`triton=True`), as one Triton grouped kernel each
+(`upcycle.kernels.triton_moe`).
 
 Gradients flow to x, the routing weights and the LoRA factors; the frozen base weights get
 none.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,22 +40,26 @@ from upcycle.kernels.workspace import buffer, none_if_empty
 ROLES = ("gate", "up", "down")
 
 
-def _triton_offsets(t: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
-    """Segment offsets (E+1,) int32 on t's device when the Triton kernels serve these tensors
-    (`ops.use_triton`: CUDA, or UPCYCLE_TRITON=1), else None (the per-segment torch loop)."""
-    from upcycle.kernels import ops
+class Segments(NamedTuple):
+    """Sorted rows split into experts' segments: how many rows each expert has, and whether
+    the segment products run on the Triton kernels (one grouped kernel for all segments) or
+    as torch products segment by segment. `upcycle.kernels.dispatch` says which."""
 
-    if not ops.use_triton(t, w):
-        return None
+    counts: list[int]
+    triton: bool = False
+
+
+def _offsets(segs: Segments, device: torch.device) -> torch.Tensor:
+    """Segment offsets (E+1,) int32 on `device`, as the Triton kernels take them."""
     bounds = [0]
-    for c in counts:
+    for c in segs.counts:
         bounds.append(bounds[-1] + c)
-    return torch.tensor(bounds, dtype=torch.int32, device=t.device)
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
 
 
 def _seg_mm(
     xs: torch.Tensor,
-    counts: list[int],
+    segs: Segments,
     w: torch.Tensor,
     transpose: bool,
     out: torch.Tensor | None = None,
@@ -61,19 +71,19 @@ def _seg_mm(
     per-expert products never allocate tensors whose size changes with the routing. On the
     Triton path one grouped kernel covers every segment.
     """
-    offsets = _triton_offsets(xs, w, counts)
-    if offsets is not None:
-        from upcycle.kernels import triton_moe
+    if segs.triton:
+        from upcycle.kernels import triton_moe as moe
 
+        offsets = _offsets(segs, xs.device)
         w = w.to(xs.dtype)
-        return triton_moe.grouped_mm(
+        return moe.grouped_mm(
             xs, w, offsets, transpose=transpose, out=out, accumulate=add and out is not None
         )
     n = w.shape[1] if transpose else w.shape[2]
     if out is None:
         out = xs.new_empty(xs.shape[0], n)
     start = 0
-    for e, c in enumerate(counts):
+    for e, c in enumerate(segs.counts):
         if c:
             we = w[e].t() if transpose else w[e]
             seg, dst = xs[start : start + c], out[start : start + c]
@@ -85,27 +95,26 @@ def _seg_mm(
     return out
 
 
-def _seg_outer(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _seg_outer(a: torch.Tensor, b: torch.Tensor, segs: Segments) -> torch.Tensor:
     """Stack of a_e^T @ b_e over expert segments: (E, a.shape[1], b.shape[1])."""
-    offsets = _triton_offsets(a, b, counts)
-    if offsets is not None:
-        from upcycle.kernels import triton_moe
+    if segs.triton:
+        from upcycle.kernels import triton_moe as moe
 
-        return triton_moe.segment_outer(a, b, offsets, len(counts))
-    out = a.new_zeros(len(counts), a.shape[1], b.shape[1])
+        return moe.segment_outer(a, b, _offsets(segs, a.device), len(segs.counts))
+    out = a.new_zeros(len(segs.counts), a.shape[1], b.shape[1])
     start = 0
-    for e, c in enumerate(counts):
+    for e, c in enumerate(segs.counts):
         if c:
             torch.mm(a[start : start + c].t(), b[start : start + c], out=out[e])
         start += c
     return out
 
 
-def _gathered(t, tokens, low, b, counts, out) -> torch.Tensor:
+def _gathered(t, tokens, low, b, segs: Segments, out) -> torch.Tensor:
     """t[tokens] plus, when a LoRA is present, the per-expert low-rank product low_e @ b_e^T."""
     torch.index_select(t, 0, tokens, out=out)
     if b is not None:
-        _seg_mm(low, counts, b, True, out=out, add=True)
+        _seg_mm(low, segs, b, True, out=out, add=True)
     return out
 
 
@@ -138,11 +147,14 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
     """y = sum_k w_k * (down + LoRA_e)(silu((gate + LoRA_e) x) * (up + LoRA_e) x)."""
 
     @staticmethod
-    def forward(ctx, x, gate_w, up_w, down_w, weights, experts, num_experts, p, lean, *lora):
+    def forward(
+        ctx, x, gate_w, up_w, down_w, weights, experts, num_experts, p, lean, triton, *lora
+    ):
         # lora: A_gate, B_gate, A_up, B_up, A_down, B_down (B pre-scaled); None where absent
         A = dict(zip(ROLES, lora[0::2], strict=True))
         B = dict(zip(ROLES, lora[1::2], strict=True))
         order, tokens, counts = sort_by_expert(experts, num_experts)
+        segs = Segments(counts, triton)
         T, TK, inter = x.shape[0], tokens.shape[0], gate_w.shape[0]
         ws = weights.reshape(-1)[order].to(x.dtype)
         g, u = _base(x, gate_w, up_w, scratch=lean)  # lean: recomputed in backward
@@ -157,10 +169,10 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             )
             for role in ("gate", "up"):
                 if A[role] is not None:
-                    low[role] = _seg_mm(xd, counts, A[role], True).mul_(scale)
-        hs = _gathered(g, tokens, low.get("gate"), B["gate"], counts, buffer("a", TK, inter, x))
+                    low[role] = _seg_mm(xd, segs, A[role], True).mul_(scale)
+        hs = _gathered(g, tokens, low.get("gate"), B["gate"], segs, buffer("a", TK, inter, x))
         F.silu(hs, inplace=True)
-        buf = _gathered(u, tokens, low.get("up"), B["up"], counts, buffer("b", TK, inter, x))
+        buf = _gathered(u, tokens, low.get("up"), B["up"], segs, buffer("b", TK, inter, x))
         hs.mul_(buf)
         mixed = buffer("t", T, inter, x).zero_()
         mixed.index_add_(0, tokens, torch.mul(hs, ws[:, None], out=buf))
@@ -170,8 +182,8 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             if p > 0:
                 drop_h = dropped_positions(hs.numel(), p, x.device)
                 hd = zero_at(hs, drop_h)
-            low["down"] = _seg_mm(hd, counts, A["down"], True).mul_(scale)
-            dd = _seg_mm(low["down"], counts, B["down"], True, out=buffer("th", TK, x.shape[1], x))
+            low["down"] = _seg_mm(hd, segs, A["down"], True).mul_(scale)
+            dd = _seg_mm(low["down"], segs, B["down"], True, out=buffer("th", TK, x.shape[1], x))
             y.index_add_(0, tokens, dd.mul_(ws[:, None]))
         none = torch.empty(0, dtype=torch.int64)
         if lean:
@@ -182,7 +194,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             drop_h if drop_h is not None else none,
             *(low.get(r, torch.empty(0, dtype=x.dtype)) for r in ROLES),
         )  # fmt: skip
-        ctx.counts, ctx.scale = counts, scale
+        ctx.segs, ctx.scale = segs, scale
         ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
         return y
 
@@ -195,15 +207,15 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         low = dict(zip(ROLES, saved[17:20], strict=True))
         A = dict(zip(ROLES, lora[0::2], strict=True))
         B = dict(zip(ROLES, lora[1::2], strict=True))
-        counts, scale = ctx.counts, ctx.scale
+        segs, scale = ctx.segs, ctx.scale
         T, H, TK, inter = x.shape[0], x.shape[1], tokens.shape[0], gate_w.shape[0]
         dy = dy.contiguous()
         wcol = ws[:, None]
         if not g.numel():  # recompute_base: rerun the base projections
             g, u = _base(x, gate_w, up_w, scratch=True)
         # recompute the element-wise forward on sorted (token, slot) rows
-        silu = _gathered(g, tokens, low["gate"], B["gate"], counts, buffer("a", TK, inter, x))
-        us = _gathered(u, tokens, low["up"], B["up"], counts, buffer("b", TK, inter, x))
+        silu = _gathered(g, tokens, low["gate"], B["gate"], segs, buffer("a", TK, inter, x))
+        us = _gathered(u, tokens, low["up"], B["up"], segs, buffer("b", TK, inter, x))
         sig = torch.sigmoid(silu, out=buffer("c", TK, inter, x))
         silu.mul_(sig)
         work = torch.mul(silu, us, out=buffer("d", TK, inter, x))  # hs
@@ -216,13 +228,13 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         if A["down"] is not None:
             hd = zero_at(work, drop_h) if drop_h is not None else work
             dys = torch.index_select(dy, 0, tokens, out=buffer("th", TK, H, x))
-            dd = _seg_mm(low["down"], counts, B["down"], True, out=buffer("th2", TK, H, x))
+            dd = _seg_mm(low["down"], segs, B["down"], True, out=buffer("th2", TK, H, x))
             d_ws += _rowdot(dys, dd)
             d_dd = dys.mul_(wcol)
-            grads["B_down"] = _seg_outer(d_dd, low["down"], counts)
-            d_low = _seg_mm(d_dd, counts, B["down"], False).mul_(scale)
-            grads["A_down"] = _seg_outer(d_low, hd, counts)
-            d_hd = _seg_mm(d_low, counts, A["down"], False, out=hd)
+            grads["B_down"] = _seg_outer(d_dd, low["down"], segs)
+            d_low = _seg_mm(d_dd, segs, B["down"], False).mul_(scale)
+            grads["A_down"] = _seg_outer(d_low, hd, segs)
+            d_hd = _seg_mm(d_low, segs, A["down"], False, out=hd)
             if drop_h is not None:
                 zero_at(d_hd, drop_h)
             d_hs += d_hd
@@ -237,15 +249,15 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         for role, d_s in (("gate", d_gs), ("up", d_us)):
             if A[role] is None:
                 continue
-            grads[f"B_{role}"] = _seg_outer(d_s, low[role], counts)
-            d_low = _seg_mm(d_s, counts, B[role], False).mul_(scale)
+            grads[f"B_{role}"] = _seg_outer(d_s, low[role], segs)
+            d_low = _seg_mm(d_s, segs, B[role], False).mul_(scale)
             if xd is None:
                 xd = torch.index_select(_dropped(x, drop_x), 0, tokens, out=buffer("th", TK, H, x))
-            grads[f"A_{role}"] = _seg_outer(d_low, xd, counts)
+            grads[f"A_{role}"] = _seg_outer(d_low, xd, segs)
             if d_xd is None:
-                d_xd = _seg_mm(d_low, counts, A[role], False, out=buffer("th2", TK, H, x))
+                d_xd = _seg_mm(d_low, segs, A[role], False, out=buffer("th2", TK, H, x))
             else:
-                _seg_mm(d_low, counts, A[role], False, out=d_xd, add=True)
+                _seg_mm(d_low, segs, A[role], False, out=d_xd, add=True)
         if d_xd is not None:
             d_x_lora = x.new_zeros(x.shape).index_add_(0, tokens, d_xd)
             if drop_x is not None:
@@ -254,7 +266,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         d_weights = torch.empty_like(d_ws)
         d_weights[order] = d_ws
         d_weights = d_weights.reshape(ctx.weights_shape).to(ctx.weights_dtype)
-        out = [dx, None, None, None, d_weights, None, None, None, None]
+        out = [dx, None, None, None, d_weights, None, None, None, None, None]
         for role in ROLES:
             out += [grads.get(f"A_{role}"), grads.get(f"B_{role}")]
         return tuple(out)
@@ -273,14 +285,16 @@ def routed_lora_swiglu(
     dropout_p: float = 0.0,
     expert_scale: float = 1.0,
     recompute_base: bool = False,
+    triton: bool = False,
 ) -> torch.Tensor:
     """`reference.routed_lora_ffn` for SiLU-gated FFNs (copy view), with the lean backward.
 
     `dropout_p` is applied to LoRA inputs when > 0 (callers pass 0 in eval mode). With
     `recompute_base`, the base gate/up projections are rerun in backward instead of kept.
+    With `triton`, the per-expert LoRA products run on the Triton kernels (`Segments`).
     """
     args = function_args(lora, ROLES, scaling)
     w = weights * expert_scale if expert_scale != 1.0 else weights
     return RoutedLoraSwiGLU.apply(
-        x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, recompute_base, *args
+        x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, recompute_base, triton, *args
     )

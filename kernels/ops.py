@@ -8,12 +8,12 @@ Public surface:
 - `segment_lora(x, a, b, offsets, scaling, order=None, top_k=1)`: the LoRA delta
   scaling * (x_r A_e^T) B_e^T of every row r sorted by expert, never W + B A.
 - `sort_routing(top_k_index, num_experts)`: the (order, offsets) that `segment_lora` takes.
-- `use_triton(*tensors, force=None)`: the dispatch rule below.
 
-What runs where: the Triton kernels (`upcycle.kernels.triton_moe`) when triton imports and every
-input is on CUDA, or on any device with `force_triton=True` or the environment variable
-UPCYCLE_TRITON=1 (the CPU tests, under TRITON_INTERPRET=1); `force_triton=False` always picks
-the torch reference (`upcycle.kernels.reference`).
+Both functions run the Triton kernels (`upcycle.kernels.triton_moe`, imported on first use:
+CUDA, or any device under TRITON_INTERPRET=1); `force_triton=False` runs the torch reference
+of the same function instead (`upcycle.kernels.reference`), for comparisons. Nothing here
+decides which of them a model runs: that is `upcycle.kernels.dispatch`'s rule
+(`dispatch.triton_runs_on` says where the kernels can run at all).
 
 The Triton path is a pair of `torch.library.custom_op`s per function: the forward op
 ("upcycle::experts_swiglu", "upcycle::segment_lora") returns its result plus what backward
@@ -30,26 +30,12 @@ equal to E (transformers' expert-parallel sentinel) contributes nothing.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from upcycle.kernels.reference import LoraPair, routed_experts_lora, sort_by_expert
-
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def use_triton(*tensors: Tensor, force: bool | None = None) -> bool:
-    """Whether to run the Triton kernels: `force` when given, else True when UPCYCLE_TRITON=1,
-    else when triton is installed and every tensor is on CUDA."""
-    if force is not None:
-        return force
-    if os.environ.get("UPCYCLE_TRITON") == "1":
-        return True
-    return TRITON_INSTALLED and all(t.is_cuda for t in tensors)
 
 
 def sort_routing(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -63,9 +49,9 @@ def sort_routing(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor]
 
 def _tm():
     """The Triton module, imported on first use so that this module imports without triton."""
-    from upcycle.kernels import triton_moe
+    from upcycle.kernels import triton_moe as moe
 
-    return triton_moe
+    return moe
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -303,16 +289,16 @@ def experts_swiglu(
     lora: dict[str, LoraPair] | None = None,
     scaling: float = 1.0,
     *,
-    force_triton: bool | None = None,
+    force_triton: bool = True,
 ) -> Tensor:
     """sum_k w[t, k] * FFN_{e = index[t, k]}(x[t]) for SwiGLU experts: (T, H) -> (T, H).
 
     FFN_e(x) = (silu(x Wg_e^T) * (x Wu_e^T)) Wd_e^T, plus scaling * (x A_e^T) B_e^T on the
     gate_up and down projections for the LoRA pairs in `lora` (shapes in the module docstring).
-    Weights and LoRA factors are cast to x's dtype.
+    Weights and LoRA factors are cast to x's dtype. `force_triton=False`: the torch reference.
     """
     lora = lora or {}
-    if not use_triton(x, gate_up_w, down_w, force=force_triton):
+    if not force_triton:
         return routed_experts_lora(
             x, gate_up_w, down_w, F.silu, top_k_weights, top_k_index, lora, scaling
         )
@@ -421,7 +407,7 @@ def segment_lora(
     *,
     order: Tensor | None = None,
     top_k: int = 1,
-    force_triton: bool | None = None,
+    force_triton: bool = True,
 ) -> Tensor:
     """scaling * (x_r A_e^T) B_e^T for every row r sorted by expert: (TK, out).
 
@@ -429,9 +415,10 @@ def segment_lora(
     e's, rows past offsets[E] get zeros). Without `order`, x (TK, in) holds the sorted rows;
     with `order` (from `sort_routing`), x (T, in) holds tokens and row r reads token
     order[r] // top_k (no gathered copy on the Triton path). Factors are cast to x's dtype.
+    `force_triton=False`: per-segment torch products.
     """
     a, b = a.to(x.dtype), b.to(x.dtype)
-    if use_triton(x, a, b, force=force_triton):
+    if force_triton:
         return torch.ops.upcycle.segment_lora(x, a, b, offsets, order, top_k, scaling)[0]
     xs = x if order is None else x[order // top_k]
     bounds = offsets.tolist()

@@ -1,4 +1,12 @@
-"""Torch reference for routed LoRA experts over one shared frozen FFN (CPU and CUDA).
+"""Torch reference for routed LoRA experts (CPU and CUDA): plain torch ops, nothing else.
+
+The functions every implementation is checked against: `routed_lora_ffn` (MixLoRA: LoRA
+experts over one shared frozen FFN) and `routed_experts_lora` (separate frozen experts with
+per-expert LoRA deltas), with what the faster implementations share: `sort_by_expert`,
+`function_args` and the LoRA-input dropout (`fast_dropout`, `dropped_positions`, `zero_at`).
+Those implementations (`experts`, `fused`, `grouped`, `mixlora_dense`, the Triton ops) live in
+the sibling modules, and `upcycle.kernels.dispatch` picks which one runs; routing tokens to
+experts and the router losses are in `upcycle.nn.routing`.
 
 A MixLoRA-style layer has E experts that all share the frozen FFN weights (or disjoint slices
 of them) and differ only by LoRA deltas. Computing each expert separately would run the base
@@ -124,32 +132,6 @@ def routed_lora_ffn(
     if deltas:
         y = y.index_add(0, tokens, torch.cat(deltas))
     return y
-
-
-def top_k_routing(logits: torch.Tensor, top_k: int):
-    """Mixtral routing: softmax over experts (fp32), top-k, renormalized. (weights, ids, probs)."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids, probs
-
-
-def balance_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch/Mixtral load-balance loss E * sum_e f_e * P_e (1.0 when perfectly balanced).
-
-    f_e: fraction of routed slots that went to expert e; P_e: mean router probability of e.
-    """
-    # a histogram over fixed bins: bincount sizes its output from the data (a host sync on CUDA)
-    flat = ids.reshape(-1)
-    flat = flat.int() if flat.is_cuda else flat.to(probs.dtype)
-    counts = torch.histc(flat, bins=num_experts, min=0, max=num_experts - 1).to(probs.dtype)
-    f = counts / ids.numel()
-    return num_experts * torch.sum(f * probs.mean(dim=0))
-
-
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean squared log-sum-exp of the router logits."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
 def routed_experts_lora(

@@ -127,10 +127,10 @@ def logits(path: str, ids: torch.Tensor) -> torch.Tensor:
 def spy_on_final_model(monkeypatch, ids: torch.Tensor, module=None) -> dict:
     """Logits of the trained model in memory, taken just before the run's final save.
 
-    `module`: the recipe module whose `save_final` runs (`upcycle.train.loop` by default).
+    `module`: the recipe module whose `save_final` runs (`upcycle.train.recipes.adapter` by default).
     """
     if module is None:
-        import upcycle.train.loop as module
+        import upcycle.train.recipes.adapter as module
 
     seen = {}
     real = module.save_final

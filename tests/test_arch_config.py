@@ -8,6 +8,7 @@ import torch
 from conftest import logits, save_tiny
 from transformers import AutoConfig
 
+from upcycle.arch import RECORDS
 from upcycle.arch.config import COMMON, source_config
 
 IDS = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(1))
@@ -108,3 +109,38 @@ def test_a_lora_merge_carries_rope_theta_for_transformers_4(tmp_path, cli):
     config = json.loads((merged / "config.json").read_text())
     assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == 12345.0
     assert config["torch_dtype"] == config["dtype"]
+
+
+def test_architecture_records_agree_with_each_other():
+    """One record per model_type; what a record names (targets, sliding-window targets, MoE
+    keys of what it writes) is there, and an unknown type gets a blank record."""
+    from upcycle.arch import RECORDS, record
+    from upcycle.arch.targets import TARGETS
+
+    for model_type, rec in RECORDS.items():
+        assert rec.model_type == model_type
+        assert not (rec.is_dense and rec.is_moe), model_type
+        if rec.target:  # the default target also reproduces the family's sliding window
+            assert rec.target in TARGETS and rec.target in rec.window_targets, model_type
+        for name in rec.window_targets:
+            assert record(name).target_spec is not None, (model_type, name)
+        if rec.target_spec:
+            assert rec.is_moe and rec.target_spec.model_type == model_type
+            assert rec.moe.experts_key in rec.target_spec.experts_keys
+        if rec.readme:
+            assert rec.is_dense and rec.target, model_type
+    blank = record("gpt2")
+    assert blank.model_type == "gpt2" and not (blank.is_dense or blank.is_moe)
+    assert not (blank.plain_head or blank.pre_norm_layers or blank.readme or blank.target)
+    assert record(None).model_type == ""
+
+
+@pytest.mark.parametrize(
+    "model_type", [t for t, rec in RECORDS.items() if rec.is_moe and not rec.custom]
+)
+def test_moe_records_name_keys_transformers_has(model_type):
+    """inspect reads an MoE's expert count and widths under its record's keys."""
+    keys = RECORDS[model_type].moe
+    config = AutoConfig.for_model(model_type)
+    for key in (keys.experts_key, keys.top_k_key, keys.expert_width_key, keys.shared_width_key):
+        assert key is None or isinstance(getattr(config, key), int), key

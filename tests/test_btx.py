@@ -1,4 +1,4 @@
-"""Branch-Train-MiX: experts from N models, everything else averaged (upcycle.converters.btx)."""
+"""Branch-Train-MiX: experts from N models, everything else averaged (upcycle.methods.btx)."""
 
 import json
 import os

@@ -143,7 +143,7 @@ def test_calibrate_refuses_dense_models(tmp_path, cli, tiny):
 
 
 def test_fitted_router_ranks_by_fit_and_mixes_near_uniformly():
-    from upcycle.converters.calibration import fit_linear_router
+    from upcycle.methods.calibration import fit_linear_router
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 16)).astype(np.float32)
@@ -162,7 +162,7 @@ def test_large_models_are_calibrated_in_their_own_dtype(tmp_path, cli, monkeypat
 
     G=4: bf16 grouped matmuls on CPU need expert widths of a multiple of 8 (96 / 4 = 24).
     """
-    from upcycle.converters import calibration
+    from upcycle.methods import calibration
 
     monkeypatch.setattr(calibration, "FP32_LIMIT_BYTES", 0)
     src = save_tiny(str(tmp_path / "src"), "llama", tokenizer=True)

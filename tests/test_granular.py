@@ -10,8 +10,8 @@ from conftest import logits
 from test_bad_input import assert_one_line_error
 from transformers import AutoModelForCausalLM
 
-from upcycle.converters import partitions as P
-from upcycle.converters.granular import GranularMethod
+from upcycle.methods import partitions as P
+from upcycle.methods.granular import GranularMethod
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 

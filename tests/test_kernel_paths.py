@@ -241,6 +241,66 @@ def test_dispatch_rules_on_cpu_and_their_overrides(monkeypatch):
         dispatch.mixlora(x, 8, 16, 1536)
 
 
+def test_dispatch_rules_for_cuda_inputs(monkeypatch):
+    """The rules for CUDA inputs, on stand-ins (the rules read device, dtype and size only):
+    Triton up to TRITON_MAX_TOKENS tokens where it applies, grouped_mm above; LoRA experts
+    with dropout, or not SiLU, never on Triton."""
+    from types import SimpleNamespace
+
+    from upcycle.kernels import dispatch, grouped
+
+    if grouped.supports(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16), {}) is False:
+        pytest.skip("this torch has no grouped_mm")
+    for name in ("UPCYCLE_EXPERTS", "UPCYCLE_MIXLORA", "UPCYCLE_TRITON"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dispatch, "TRITON_INSTALLED", True)
+
+    def cuda(tokens, dtype=torch.bfloat16):
+        return SimpleNamespace(is_cuda=True, shape=(tokens, 64), dtype=dtype)
+
+    small, large = dispatch.TRITON_MAX_TOKENS, dispatch.TRITON_MAX_TOKENS + 1
+    lora = {"gate_up": (torch.zeros(4, 8, 64), torch.zeros(4, 128, 8))}
+    assert dispatch.triton_runs_on(cuda(1))
+    assert dispatch.experts(cuda(small), plain_swiglu=True) == "triton"
+    assert dispatch.experts(cuda(large), plain_swiglu=True) == "grouped_mm"
+    assert dispatch.experts(cuda(small), plain_swiglu=False) == "grouped_mm"
+    assert dispatch.experts_lora(cuda(small), lora, silu=True) == "triton"
+    assert dispatch.experts_lora(cuda(large), lora, silu=True) == "triton"  # no dropout: any size
+    assert dispatch.experts_lora(cuda(small), lora, silu=True, dropout_p=0.05) == "grouped_mm"
+    assert dispatch.experts_lora(cuda(large, torch.float32), lora, silu=True) == "triton"
+    assert dispatch.experts_lora(cuda(large, torch.float32), lora, silu=False) == "sorted"
+    assert dispatch.experts_lora(cuda(small, torch.float32), lora, dropout_p=0.05) == "sorted"
+    assert dispatch.mixlora(cuda(small), 8, 16, 1536) == "dense"
+    assert dispatch.mixlora(cuda(small), 64, 16, 1536) == "lean"
+    monkeypatch.setenv("UPCYCLE_EXPERTS", "sorted")
+    assert dispatch.experts_lora(cuda(small), lora, silu=True) == "sorted"
+    monkeypatch.setattr(dispatch, "TRITON_INSTALLED", False)
+    monkeypatch.setenv("UPCYCLE_EXPERTS", "triton")  # cannot run: the rule's own choice
+    assert not dispatch.triton_runs_on(cuda(1))
+    assert dispatch.experts_lora(cuda(small), lora, silu=True) == "grouped_mm"
+
+
+def test_mixlora_lean_path_takes_the_dispatch_triton_choice(monkeypatch):
+    """The lean MixLoRA Function runs its segment products on Triton exactly where
+    `dispatch.triton_runs_on` says so; it decides nothing itself."""
+    from upcycle.kernels import dispatch, fused
+
+    for name in ("UPCYCLE_MIXLORA", "UPCYCLE_TRITON"):
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    monkeypatch.setattr(fused, "routed_lora_swiglu", lambda *a, **k: seen.append(k["triton"]))
+    T, H, N, E, r = 6, 8, 16, 4, 2
+    gate_w, up_w, down_w = _ffn(H, N, 0, torch.float32)
+    weights, ids = _routing(T, E, 2, 1, torch.float32)
+    lora = _lora(("gate", "up", "down"), E, r, H, N, 2, torch.float32)
+    x = torch.randn(T, H)
+    args = (x, gate_w, up_w, down_w, weights, ids, E, lora, 2.0)
+    dispatch.routed_lora_swiglu(*args)
+    monkeypatch.setenv("UPCYCLE_TRITON", "1")
+    dispatch.routed_lora_swiglu(*args)
+    assert seen == [False, True]
+
+
 def test_experts_implementation_upcycle_on_grouped_mm_equals_eager(tmp_path, monkeypatch):
     """The grouped_mm choice of `experts_implementation="upcycle"` is transformers' own."""
     import upcycle.kernels  # noqa: F401

@@ -162,7 +162,7 @@ def test_readme_needs_calibration_data_and_a_supported_family(cli, tiny, tmp_pat
 
 
 def test_kmeans_is_deterministic_and_separates_clusters():
-    from upcycle.converters.readme import _kmeans
+    from upcycle.methods.readme import _kmeans
 
     rng = np.random.default_rng(0)
     points = np.concatenate([rng.normal(0, 0.1, (20, 4)), rng.normal(5, 0.1, (20, 4))])

@@ -69,7 +69,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(setup):
     """The uninterrupted run, with the trained model's logits taken just before its final save."""
-    import upcycle.train.readme as readme
+    import upcycle.train.recipes.readme as readme
 
     run = setup["root"] / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -111,7 +111,7 @@ def test_each_phase_trains_only_its_own_tensors(setup, trained):
 
 def test_router_accuracy_rises_and_held_out_loss_falls(setup, trained):
     from upcycle.io.models import load_causal_lm
-    from upcycle.train.readme import router_metrics
+    from upcycle.train.recipes.readme import router_metrics
 
     run, _ = trained
     labels = load_file(run / "readme_labels.safetensors")
@@ -190,7 +190,7 @@ def test_merge_is_standalone_with_the_trained_logits(setup, trained, tmp_path):
 def test_ctrl_c_saves_and_resume_gives_the_uninterrupted_run(setup, trained, monkeypatch):
     """Interrupted mid backbone phase (its optimizer state in the checkpoint), resumed: the
     same weights and losses as the uninterrupted run."""
-    import upcycle.train.readme as readme
+    import upcycle.train.recipes.readme as readme
 
     whole, _ = trained
 

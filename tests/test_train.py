@@ -333,7 +333,7 @@ def test_quantized_base_trains_and_merges_onto_the_full_precision_base(
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    import upcycle.train.loop as loop
+    import upcycle.train.recipes.adapter as loop
 
     _, data = setup
     # bitsandbytes' CPU inference path (AVX512-BF16 CPUs, no grad) needs in_features that are

@@ -255,7 +255,7 @@ def test_router_parameters_follow_the_module_name_rule():
     """gate (not gate_proj), router and shared_expert_gate modules hold routers."""
     from torch import nn
 
-    from upcycle.train.modes import router_parameters
+    from upcycle.train.strategies.router import router_parameters
 
     layer = nn.Module()
     layer.self_attn = nn.Module()

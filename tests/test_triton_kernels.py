@@ -11,7 +11,6 @@ kernel tests skip then).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -394,14 +393,13 @@ def check_fused_segment_products_run_triton():
     b = torch.randn(xs.shape[0], INTER, generator=gen)
     results = {}
     for mode in ("triton", "loop"):
-        env = _triton_env() if mode == "triton" else contextlib.nullcontext()
-        with env:
-            results[mode] = (
-                fused._seg_mm(xs, counts, w_t, True)[: sum(counts)],
-                fused._seg_mm(xs, counts, w, False)[: sum(counts)],
-                fused._seg_mm(xs, counts, w_t, True, out=out0.clone(), add=True),
-                fused._seg_outer(xs, b, counts),
-            )
+        segs = fused.Segments(counts, triton=mode == "triton")
+        results[mode] = (
+            fused._seg_mm(xs, segs, w_t, True)[: sum(counts)],
+            fused._seg_mm(xs, segs, w, False)[: sum(counts)],
+            fused._seg_mm(xs, segs, w_t, True, out=out0.clone(), add=True),
+            fused._seg_outer(xs, b, segs),
+        )
     for i, (got, want) in enumerate(zip(*results.values(), strict=True)):
         close(got, want, TOL[torch.float32], f"product {i}")
 
@@ -527,23 +525,29 @@ def test_kernel_compiles_for_sm90(children, name):
 
 
 def test_dispatch_uses_reference_on_cpu(monkeypatch):
-    """On CPU without force or UPCYCLE_TRITON, both ops are the torch reference."""
+    """On CPU without UPCYCLE_TRITON the dispatch keeps the Triton kernels out; the ops'
+    torch fallbacks (force_triton=False) are the reference."""
+    from upcycle.kernels import dispatch
+
     monkeypatch.delenv("UPCYCLE_TRITON", raising=False)
+    monkeypatch.delenv("UPCYCLE_EXPERTS", raising=False)
     index, weights = routing(20, 2, 12)
     gate_up_w, down_w, lora = make_experts(torch.float32, 13)
     x = torch.randn(20, H)
-    assert not ops.use_triton(x)
-    assert ops.use_triton(x, force=True)
-    y = ops.experts_swiglu(x, gate_up_w, down_w, index, weights, lora, 0.5)
+    assert not dispatch.triton_runs_on(x)
+    assert dispatch.experts_lora(x, lora, silu=True) == "sorted"
+    y = ops.experts_swiglu(x, gate_up_w, down_w, index, weights, lora, 0.5, force_triton=False)
     expected = routed_experts_lora(x, gate_up_w, down_w, F.silu, weights, index, lora, 0.5)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     order, offsets = ops.sort_routing(index, E)
     a, b = lora["gate_up"]
-    delta = ops.segment_lora(x, a, b, offsets, 0.5, order=order, top_k=2)
+    delta = ops.segment_lora(x, a, b, offsets, 0.5, order=order, top_k=2, force_triton=False)
     loop = loop_segment_lora(x[order // 2], a, b, index.reshape(-1)[order], 0.5)
     torch.testing.assert_close(delta, loop, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("UPCYCLE_TRITON", "1")
-    assert ops.use_triton(x) and not ops.use_triton(x, force=False)
+    assert dispatch.triton_runs_on(x)
+    assert dispatch.experts_lora(x, lora, silu=True) == "triton"
+    assert dispatch.experts_lora(x, lora, silu=True, dropout_p=0.1) == "sorted"
 
 
 def test_sort_routing_offsets_and_sentinels():

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -34,12 +33,14 @@ from functools import partial
 
 import numpy as np
 
+from upcycle.arch import record
 from upcycle.arch.targets import TARGETS
-from upcycle.converters.calibration import fit_linear_router, load_for_calibration
+from upcycle.engine.outputs import PROVENANCE, Contents, write_model
 from upcycle.errors import InputError, OptionError
 from upcycle.io.arrays import from_torch
-from upcycle.io.checkpoint import INDEX, SINGLE, Checkpoint
-from upcycle.io.writer import ShardedWriter, atomic_output_dir, check_output_dir, claims_output_dir
+from upcycle.io.checkpoint import Checkpoint
+from upcycle.io.writer import check_output_dir, claims_output_dir
+from upcycle.methods.calibration import fit_linear_router, load_for_calibration
 
 
 @dataclass
@@ -161,6 +162,70 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _fit_router(block, x, objective: str, top_k: int, ridge: float):
+    """A new router weight for one MoE block from its inputs x (tokens, hidden), and the
+    fraction of the oracle's experts the old and the new router pick. The block keeps its old
+    router when the fit ranks worse than it: (weight, overlap before, overlap after)."""
+    xs = x.float().numpy()
+    if objective == "error":
+        oracle = error_oracle(block.experts, x, top_k).numpy()
+        w = fit_linear_router(xs, oracle.astype(np.float64), ridge=ridge, log=False)
+    else:
+        oracle = expert_output_norms(block.experts, x).float().numpy()
+        w = fit_linear_router(xs, oracle, ridge=ridge)
+    old = block.gate.weight.detach().float().numpy()
+    before = topk_overlap(xs @ old.T, oracle, top_k)
+    after = topk_overlap(xs @ w.T, oracle, top_k)
+    if after < before:  # the fit ranks worse than the router it would replace: keep that
+        w, after = old.copy(), before
+    return w, before, after
+
+
+def _fit_routers(model, blocks, objective: str, ridge: float, bar):
+    """Fit every MoE layer's router in order, each on the inputs the layers before it (already
+    calibrated) produce; the model's routers change in place. (reports, layer -> weight)."""
+    import torch
+
+    top_k = model.config.num_experts_per_tok
+    reports: list[LayerReport] = []
+    routers: dict[int, np.ndarray] = {}
+    with torch.no_grad():
+        layers = model.model.layers
+        kwargs = _layer_kwargs(model, blocks[:1])
+        hidden = [
+            _input_of(layers[0], partial(model, input_ids=blocks[b : b + 1], use_cache=False))
+            for b in range(blocks.shape[0])
+        ]
+        for i, layer in enumerate(layers):
+            args, kw = kwargs[i]
+            if hasattr(layer.mlp, "experts"):
+                block = layer.mlp
+                x = torch.cat([_input_of(block, partial(layer, h, *args, **kw)) for h in hidden])
+                x = x.reshape(-1, x.shape[-1])
+                w, before, after = _fit_router(block, x, objective, top_k, ridge)
+                block.gate.weight.data.copy_(torch.from_numpy(w))
+                reports.append(LayerReport(i, before, after))
+                routers[i] = w
+                bar.update()
+            hidden = [_output(layer(h, *args, **kw)) for h in hidden]
+    return reports, routers
+
+
+def _check_options(ckpt: Checkpoint, ridge: float, objective: str):
+    """The target spec of the checkpoint's MoE architecture, once the options make sense."""
+    target = TARGETS.get(ckpt.model_type)
+    if target is None:
+        raise InputError(
+            f"{ckpt.path} is not an MoE checkpoint upcycle can calibrate ({ckpt.model_type}); "
+            f"supported: {', '.join(TARGETS)}"
+        )
+    if ridge <= 0:
+        raise OptionError("--ridge must be positive")
+    if objective not in OBJECTIVES:
+        raise OptionError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    return target
+
+
 @claims_output_dir  # OUT is claimed before the work: a concurrent writer stops here
 def calibrate(
     model_dir: str,
@@ -179,17 +244,7 @@ def calibrate(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     check_output_dir(out, force)
     ckpt = Checkpoint(model_dir)
-    target = TARGETS.get(ckpt.model_type)
-    if target is None:
-        raise InputError(
-            f"{ckpt.path} is not an MoE checkpoint upcycle can calibrate ({ckpt.model_type}); "
-            f"supported: {', '.join(TARGETS)}"
-        )
-    if ridge <= 0:
-        raise OptionError("--ridge must be positive")
-    if objective not in OBJECTIVES:
-        raise OptionError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    import torch
+    target = _check_options(ckpt, ridge, objective)
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -199,53 +254,15 @@ def calibrate(
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     model = load_for_calibration(ckpt.path)
     blocks = token_blocks(texts, tok, seq_len=seq_len, max_tokens=max_tokens)
-    moe = [
-        (i, layer.mlp)
-        for i, layer in enumerate(model.model.layers)
-        if hasattr(layer.mlp, "experts")
-    ]
+    moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
     if not moe:
         raise InputError(f"{ckpt.path}: no MoE layer found")
-    top_k = model.config.num_experts_per_tok
-    reports: list[LayerReport] = []
-    routers: dict[int, np.ndarray] = {}
     bar = tqdm(
         total=len(moe), desc="calibrating", unit="layer", disable=not progress, file=sys.stderr
     )
 
     log(f"fitting {len(moe)} routers on {blocks.numel()} tokens ...")
-    with torch.no_grad():
-        layers = model.model.layers
-        kwargs = _layer_kwargs(model, blocks[:1])
-        hidden = [
-            _input_of(layers[0], partial(model, input_ids=blocks[b : b + 1], use_cache=False))
-            for b in range(blocks.shape[0])
-        ]
-        for i, layer in enumerate(layers):
-            args, kw = kwargs[i]
-            if hasattr(layer.mlp, "experts"):
-                block = layer.mlp
-                x = torch.cat([_input_of(block, partial(layer, h, *args, **kw)) for h in hidden])
-                x = x.reshape(-1, x.shape[-1])
-                xs = x.float().numpy()
-                if objective == "error":
-                    oracle = error_oracle(block.experts, x, top_k).numpy()
-                    w = fit_linear_router(xs, oracle.astype(np.float64), ridge=ridge, log=False)
-                else:
-                    oracle = expert_output_norms(block.experts, x).float().numpy()
-                    w = fit_linear_router(xs, oracle, ridge=ridge)
-                old = block.gate.weight.detach().float().numpy()
-                before = topk_overlap(xs @ old.T, oracle, top_k)
-                after = topk_overlap(xs @ w.T, oracle, top_k)
-                if (
-                    after < before
-                ):  # the fit ranks worse than the router it would replace: keep that
-                    w, after = old.copy(), before
-                block.gate.weight.data.copy_(torch.from_numpy(w))
-                reports.append(LayerReport(i, before, after))
-                routers[i] = w
-                bar.update()
-            hidden = [_output(layer(h, *args, **kw)) for h in hidden]
+    reports, routers = _fit_routers(model, blocks, objective, ridge, bar)
     bar.close()
     del model
     _write(ckpt, target, routers, out, force, reports, int(blocks.numel()), objective)
@@ -263,7 +280,7 @@ def _write(
     texts_tokens: int,
     objective: str,
 ) -> None:
-    prefix = "model.layers.{i}."
+    prefix = record(ckpt.model_type).layer_prefix
     replace = {prefix.format(i=i) + target.router: w for i, w in routers.items()}
     entries = [(name, info.dtype, info.shape) for name, info in ckpt.infos.items()]
     sizes = [
@@ -271,28 +288,24 @@ def _write(
         for f in os.listdir(ckpt.path)
         if f.endswith(".safetensors")
     ]
-    with atomic_output_dir(out, force=force) as tmp:
-        writer = ShardedWriter(tmp, entries, max(sizes))
+
+    def tensors():
+        import torch
+
         for name, dtype, _ in entries:
             a = ckpt.get(name)
             if name in replace:
-                import torch
-
                 a = from_torch(torch.from_numpy(replace[name]), dtype)
-            writer.write(name, a)
-        writer.finish()
-        for f in os.listdir(ckpt.path):
-            src = os.path.join(ckpt.path, f)
-            if os.path.isfile(src) and not f.endswith(".safetensors") and f not in (INDEX, SINGLE):
-                shutil.copyfile(src, os.path.join(tmp, f))
-        prov_path = os.path.join(tmp, "upcycle.json")
-        prov = json.load(open(prov_path)) if os.path.isfile(prov_path) else {}
-        prov["calibration"] = {
-            "tokens": texts_tokens,
-            "objective": objective,
-            "oracle_overlap_before": float(np.mean([r.oracle_overlap_before for r in reports])),
-            "oracle_overlap_after": float(np.mean([r.oracle_overlap_after for r in reports])),
-        }
-        with open(prov_path, "w") as f:
-            json.dump(prov, f, indent=2)
-            f.write("\n")
+            yield {name: a}
+
+    prov_path = os.path.join(ckpt.path, PROVENANCE)
+    prov = json.load(open(prov_path)) if os.path.isfile(prov_path) else {}
+    prov["calibration"] = {
+        "tokens": texts_tokens,
+        "objective": objective,
+        "oracle_overlap_before": float(np.mean([r.oracle_overlap_before for r in reports])),
+        "oracle_overlap_after": float(np.mean([r.oracle_overlap_after for r in reports])),
+    }
+    # every file of the model but its weights comes along (card, tokenizer, code)
+    contents = Contents(config=ckpt.config, files_from=ckpt.path, file_names=None, provenance=prov)
+    write_model(out, entries, tensors(), contents, max_shard_bytes=max(sizes), force=force)

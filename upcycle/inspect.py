@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-from upcycle.arch.families import FAMILIES, MOE_FAMILIES
+from upcycle.arch import record
 from upcycle.arch.targets import TARGETS
-from upcycle.converters import METHODS
 from upcycle.errors import UpcycleError
 from upcycle.io.checkpoint import Checkpoint
+from upcycle.methods.registry import METHODS
 
 _EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.")
 _FUSED = re.compile(
@@ -30,7 +30,7 @@ def inspect_model(path: str) -> dict:
         "tensors": len(ckpt.keys()),
         "params_total": ckpt.num_params(),
     }
-    if ckpt.model_type in MOE_FAMILIES or any(
+    if record(ckpt.model_type).is_moe or any(
         _EXPERT.match(k) or _FUSED.match(k) for k in ckpt.keys()
     ):
         info.update(_moe_info(ckpt))
@@ -42,7 +42,7 @@ def inspect_model(path: str) -> dict:
 
 def _moe_info(ckpt: Checkpoint) -> dict:
     cfg = ckpt.config
-    fam = MOE_FAMILIES.get(ckpt.model_type)
+    fam = record(ckpt.model_type).moe
     top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_top_k") or 1
     per_layer: dict[str, dict[int, int]] = {}  # block prefix -> expert -> params
     for name, info in ckpt.infos.items():
@@ -90,11 +90,11 @@ def _moe_info(ckpt: Checkpoint) -> dict:
 
 
 def _dense_options(ckpt: Checkpoint) -> dict:
-    from upcycle.convert import check_inventory, check_target
+    from upcycle.engine.plan import check_inventory, check_target
 
-    family = FAMILIES.get(ckpt.model_type)
+    family = record(ckpt.model_type)
     out: dict = {"moe": False, "methods": [], "targets": []}
-    if family is None:
+    if not family.is_dense:
         out["note"] = f"unsupported family {ckpt.model_type}"
         return out
     if family.target is None:

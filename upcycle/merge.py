@@ -13,15 +13,18 @@ at about one layer whatever the model size; the output folder appears only when 
 
 Where things are, in file order: `Adapter` (a saved peft folder) and `PatchedCheckpoint` (a
 base whose tensors read with deltas added or replaced); `MixLoraMerge`, the conversion method
-that turns MixLoRA layers into experts; `merge`, the entry point that dispatches on the run's
-kind; `weights_run` / `merge_weights` for full and router runs; `experts_patches` for
-experts-lora runs (stock per-expert or fused layouts, FFN and attention routers);
-`merge_dense` and `write_standalone`, which stream any patched checkpoint to OUT.
+that turns MixLoRA layers into experts (its slices and scales come from
+`upcycle.adapters.export`, as the adapter's forward does); `merge`, the entry point that
+dispatches on the run's kind, with `_patched_base` (the base read with the adapter's deltas)
+and `merge_mixlora` (MixLoRA runs through the converter); `weights_run` / `merge_weights` for
+full, router and readme runs (`_weights_base`, `_trained_model`, `_with_trained_routers`,
+`_weights_provenance`); `experts_patches` for experts-lora runs (stock per-expert or fused
+layouts, FFN and attention routers); `merge_dense` and `write_standalone`, which stream any
+patched checkpoint to OUT through `upcycle.engine.outputs.write_model`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -29,17 +32,20 @@ import time
 
 import numpy as np
 
-from upcycle.converters.base import MethodInfo, MoELayer, MoELayout
+from upcycle.engine.outputs import Contents, write_model
 from upcycle.errors import InputError, UnsupportedError
 from upcycle.io.arrays import cast, to_float32
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.io.jsonfile import read_json
-from upcycle.run_format import RECORD
+from upcycle.methods.base import Method, MethodInfo, MoELayer, MoELayout
+from upcycle.run_format import (
+    RECORD,
+    ROUTER_WEIGHTS,  # `upcycle train --adapter router`
+)
 from upcycle.train.options import WEIGHT_MODES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ROUTER_WEIGHTS = "routers.safetensors"  # `upcycle train --adapter router` (upcycle.train.modes)
 _PEFT_PREFIX = "base_model.model."
 _ROLES = ("gate", "up", "down")
 
@@ -86,7 +92,9 @@ class Adapter:
                     raise UnsupportedError(f"{path}: merging LoRA with {key} is not supported")
             if self.config.get("rank_pattern") or self.config.get("alpha_pattern"):
                 raise UnsupportedError(f"{path}: merging per-module ranks is not supported")
-        self.scaling = float(self.config["lora_alpha"]) / float(self.config["r"])
+        from upcycle.adapters.export import lora_scaling
+
+        self.scaling = lora_scaling(self.config["lora_alpha"], self.config["r"])
 
     @property
     def base(self) -> str | None:
@@ -182,7 +190,7 @@ class PatchedCheckpoint(Checkpoint):
         return cast(merged.astype(np.float32), "F32", dtype or stored)
 
 
-class MixLoraMerge:
+class MixLoraMerge(Method):
     """The converter method that materializes MixLoRA experts from one dense FFN per layer."""
 
     info = INFO
@@ -212,9 +220,6 @@ class MixLoraMerge:
                 "merging a granular MixLoRA view adapted on only some layers is not supported"
             )
 
-    def validate(self) -> None:
-        pass
-
     def describe(self) -> str:
         view = f"granular view G={self.granularity}" if self.granular else "copy view"
         return f"MixLoRA experts ({view}, LoRA scale {self.scaling:g}) and trained routers"
@@ -225,12 +230,12 @@ class MixLoraMerge:
                 f"the adapter's granularity {self.granularity} does not divide the base's FFN "
                 f"width {intermediate} (was it trained on another model?)"
             )
-        width = intermediate // self.granularity if self.granular else intermediate
-        self.width = width
-        return MoELayout(self.num_experts, self.top_k, expert_width=width)
+        from upcycle.adapters.export import expert_view
 
-    def prepare(self, source_dir: str, moe_layers: list[int], log) -> None:
-        pass
+        self.view = expert_view(
+            self.granular, self.num_experts, self.top_k, intermediate, self.granularity
+        )
+        return MoELayout(self.num_experts, self.top_k, expert_width=self.view.width)
 
     def layer(self, i: int, ffn: dict[str, np.ndarray], dtype: str) -> MoELayer:
         E, H = self.num_experts, ffn["down"].shape[0]
@@ -244,11 +249,10 @@ class MixLoraMerge:
                 f"{list(router.shape)}, expected {[E, H]}"
             )
         base = {role: to_float32(ffn[role], dtype) for role in _ROLES}
-        scale = self.top_k / (E // self.granularity) if self.granular else 1.0
+        scale = self.view.scale  # the forward's factor on routing weights, here in down
         experts = []
         for e in range(E):
-            lo = (e % self.granularity) * self.width if self.granular else 0
-            hi = lo + self.width
+            lo, hi = self.view.neurons(e)
             w = {
                 "gate": base["gate"][lo:hi],
                 "up": base["up"][lo:hi],
@@ -300,25 +304,14 @@ def merge(
     log=None,
 ):
     """Merge the adapter saved in `run` into its base and write a standalone checkpoint to `out`."""
-    from upcycle.convert import ConvertOptions, convert, family_of
     from upcycle.io.writer import check_output_dir
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     check_output_dir(out, force)
+    written = dict(dtype=dtype, max_shard_size=max_shard_size, force=force, progress=progress)
     record = weights_run(run)
     if record is not None:  # --adapter full or router: trained weights, no adapter
-        return merge_weights(
-            run,
-            record,
-            out,
-            base=base,
-            target=target,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            force=force,
-            progress=progress,
-            log=log,
-        )
+        return merge_weights(run, record, out, base=base, target=target, log=log, **written)
     if not os.path.isfile(os.path.join(run, ADAPTER_CONFIG)) and os.path.isdir(
         os.path.join(run, "checkpoints")
     ):
@@ -328,32 +321,49 @@ def merge(
         )
     adapter = Adapter(run)
     base_dir = _resolve_base(adapter, base, log)
+    ckpt = _patched_base(adapter, base_dir, target)
+    adapter.check_base(ckpt, _embed_name(ckpt))
+    if adapter.kind == "LORA" or adapter.config.get("mode") == "experts":
+        # same architecture as the base: every tensor written under its own name
+        return merge_dense(ckpt, out, adapter, **written)
+    return merge_mixlora(adapter, ckpt, base_dir, out, target=target, log=log, **written)
+
+
+def _patched_base(adapter: Adapter, base_dir: str, target: str | None) -> PatchedCheckpoint:
+    """The base read with the adapter's deltas added (and an experts-lora run's routers in
+    place); refuses --target where the output keeps the base's architecture."""
     if adapter.kind == "MIXLORA" and adapter.config.get("mode") == "experts":
         if target:
             raise UnsupportedError(
                 "--target does not apply: an experts-lora run keeps its MoE architecture"
             )
-        ckpt = Checkpoint(base_dir)
-        deltas, replace = experts_patches(adapter, ckpt)
-        ckpt = PatchedCheckpoint(base_dir, {**adapter.linear_deltas(), **deltas}, replace)
-    else:
-        ckpt = PatchedCheckpoint(base_dir, adapter.linear_deltas())
-        if adapter.kind == "LORA" and target:
-            raise UnsupportedError(
-                "--target applies to MixLoRA runs; a LoRA run merges into its base"
-            )
-    adapter.check_base(ckpt, _embed_name(ckpt))
-    if adapter.kind == "LORA" or adapter.config.get("mode") == "experts":
-        # same architecture as the base: every tensor written under its own name
-        return merge_dense(
-            ckpt,
-            out,
-            adapter,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            force=force,
-            progress=progress,
-        )
+        deltas, replace = experts_patches(adapter, Checkpoint(base_dir))
+        return PatchedCheckpoint(base_dir, {**adapter.linear_deltas(), **deltas}, replace)
+    ckpt = PatchedCheckpoint(base_dir, adapter.linear_deltas())
+    if adapter.kind == "LORA" and target:
+        raise UnsupportedError("--target applies to MixLoRA runs; a LoRA run merges into its base")
+    return ckpt
+
+
+def merge_mixlora(
+    adapter: Adapter,
+    ckpt: PatchedCheckpoint,
+    base_dir: str,
+    out: str,
+    *,
+    target: str | None,
+    dtype: str,
+    max_shard_size: str,
+    force: bool,
+    progress: bool,
+    log,
+):
+    """A MixLoRA run on a dense base: the converter writes a stock MoE whose experts are the
+    base FFN (or its slices) plus each expert's LoRA delta (`MixLoraMerge`)."""
+    from upcycle.engine.plan import family_of
+    from upcycle.engine.stream import convert
+    from upcycle.methods.options import ConvertOptions
+
     family = family_of(ckpt)
     num_layers = ckpt.config["num_hidden_layers"]
     ffn_module = family.ffn.gate.rsplit(".", 2)[0]  # "mlp.gate_proj.weight" -> "mlp"
@@ -363,10 +373,10 @@ def merge(
         num_experts=method.num_experts,
         top_k=method.top_k,
         target=target,
-        router_init="trained",
         router_aux_loss_coef=float(adapter.config.get("router_aux_loss_coef", 0.01)),
         dtype=dtype,
         max_shard_size=max_shard_size,
+        method_options={"router_init": "trained"},
     )
     return convert(
         base_dir, out, opts, force=force, progress=progress, log=log, method=method, ckpt=ckpt
@@ -407,15 +417,36 @@ def merge_weights(
     """A full run: its model, written standalone with the base's tokenizer. A router run: the
     base with its routers replaced by the trained ones (every other tensor copied as is). A
     readme run (`upcycle train --method readme`): as a full run, with readme_neurons.json."""
-    from upcycle import __version__
-    from upcycle.io.default_model import resolve_model
-
     readme = record["options"].get("method") == "readme"
     kind = "readme" if readme else record["options"]["adapter"]
     if target:
         raise UnsupportedError(
             f"--target applies to MixLoRA runs; a {kind} run keeps its base's architecture"
         )
+    base_dir = _weights_base(record, base, kind, log)
+    if kind in ("full", "readme"):
+        ckpt = _trained_model(run, base_dir)
+    else:
+        ckpt = _with_trained_routers(run, record, base_dir)
+    provenance, extra = _weights_provenance(run, record, kind, base_dir, ckpt)
+    return write_standalone(
+        ckpt,
+        out,
+        provenance,
+        aux_dir=base_dir,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        force=force,
+        progress=progress,
+        extra_files=extra,
+    )
+
+
+def _weights_base(record: dict, base: str | None, kind: str, log) -> str | None:
+    """The base folder (--base, else the one the run names); None where a full or readme run's
+    base is missing (then no tokenizer files are copied)."""
+    from upcycle.io.default_model import resolve_model
+
     base_dir = resolve_model(base or record.get("base") or "", log=log)
     if not base_dir or not os.path.isdir(base_dir):
         if kind == "router":
@@ -424,29 +455,47 @@ def merge_weights(
                 "pass --base with its folder"
             )
         log(f"note: base model {base_dir or '?'} not found; no tokenizer files copied (--base)")
-        base_dir = None
-    if kind in ("full", "readme"):
-        ckpt = Checkpoint(run)
-        if base_dir is not None:
-            base_cfg = Checkpoint(base_dir).config
-            for key in ("model_type", "vocab_size"):
-                if base_cfg.get(key) != ckpt.config.get(key):
-                    raise InputError(
-                        f"{run} was trained on another base model than {base_dir} "
-                        f"({key} {ckpt.config.get(key)!r} vs {base_cfg.get(key)!r}); pass --base"
-                    )
-    else:
-        ckpt = PatchedCheckpoint(base_dir, {}, _router_tensors(run))
-        want = record.get("base_fingerprint")
-        embed = _embed_name(ckpt)
-        if want and embed:
-            from upcycle.adapters.fingerprint import checkpoint_fingerprint
+        return None
+    return base_dir
 
-            if checkpoint_fingerprint(ckpt, embed) != want:
+
+def _trained_model(run: str, base_dir: str | None) -> Checkpoint:
+    """A full or readme run's saved model, checked against the base where there is one."""
+    ckpt = Checkpoint(run)
+    if base_dir is not None:
+        base_cfg = Checkpoint(base_dir).config
+        for key in ("model_type", "vocab_size"):
+            if base_cfg.get(key) != ckpt.config.get(key):
                 raise InputError(
                     f"{run} was trained on another base model than {base_dir} "
-                    "(fingerprints differ); pass --base with the model it was trained on"
+                    f"({key} {ckpt.config.get(key)!r} vs {base_cfg.get(key)!r}); pass --base"
                 )
+    return ckpt
+
+
+def _with_trained_routers(run: str, record: dict, base_dir: str) -> PatchedCheckpoint:
+    """The base with a router run's routers in place of its own (fingerprint checked)."""
+    ckpt = PatchedCheckpoint(base_dir, {}, _router_tensors(run))
+    want = record.get("base_fingerprint")
+    embed = _embed_name(ckpt)
+    if want and embed:
+        from upcycle.adapters.fingerprint import checkpoint_fingerprint
+
+        if checkpoint_fingerprint(ckpt, embed) != want:
+            raise InputError(
+                f"{run} was trained on another base model than {base_dir} "
+                "(fingerprints differ); pass --base with the model it was trained on"
+            )
+    return ckpt
+
+
+def _weights_provenance(
+    run: str, record: dict, kind: str, base_dir: str | None, ckpt: Checkpoint
+) -> tuple[dict, list[str]]:
+    """upcycle.json of a full, router or readme run, and the files copied with it (a readme
+    run's readme_neurons.json)."""
+    from upcycle import __version__
+
     provenance = {
         "upcycle_version": __version__,
         "method": f"{kind}-finetune",
@@ -459,23 +508,13 @@ def merge_weights(
     if kind == "router":
         provenance["replaced"] = sorted(ckpt.replace)
     extra = []
-    if readme:  # which dense neurons each expert holds (labels for further training)
+    if kind == "readme":  # which dense neurons each expert holds (labels for further training)
         provenance["dense"] = record.get("dense")
         neurons = [os.path.join(d, "readme_neurons.json") for d in (run, base_dir) if d]
         extra = [next((f for f in neurons if os.path.isfile(f)), None)]
         if extra[0] is None:
             raise InputError(f"{run}: no readme_neurons.json (here or in the base)")
-    return write_standalone(
-        ckpt,
-        out,
-        provenance,
-        aux_dir=base_dir,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        force=force,
-        progress=progress,
-        extra_files=extra,
-    )
+    return provenance, extra
 
 
 def _router_tensors(run: str) -> dict[str, np.ndarray]:
@@ -603,75 +642,46 @@ def write_standalone(
     """Stream every tensor of `ckpt` (patched or not) under its own name into `out`, with its
     config (dtype updated), the tokenizer files of `aux_dir`, the custom code files next to
     `ckpt` (config with auto_map), `extra_files` and `provenance` as upcycle.json; `out`
-    appears when whole."""
-    import shutil
-
-    from tqdm.auto import tqdm
-
-    from upcycle.arch.config import with_legacy_keys
-    from upcycle.card import AUX_FILES
-    from upcycle.convert import Summary
-    from upcycle.errors import OptionError
-    from upcycle.io.arrays import CONFIG_NAMES, NAMES
+    appears when whole (`upcycle.engine.outputs.write_model`)."""
+    from upcycle.engine.plan import active_params, output_dtype, shard_bytes
+    from upcycle.engine.stream import Summary
+    from upcycle.io.arrays import CONFIG_NAMES
     from upcycle.io.models import code_files
-    from upcycle.io.writer import ShardedWriter, atomic_output_dir, parse_size
 
     start = time.perf_counter()
-    if dtype == "source":
-        out_dtype = ckpt.dtype
-    elif dtype in NAMES:
-        out_dtype = NAMES[dtype]
-    else:
-        raise OptionError(f"unknown --dtype {dtype!r}; choose from source, {', '.join(NAMES)}")
-    try:
-        max_shard = parse_size(max_shard_size)
-    except ValueError as e:
-        raise OptionError(f"--max-shard-size: {e}") from None
+    out_dtype = output_dtype(dtype, ckpt.dtype)
+    max_shard = shard_bytes(max_shard_size)
     names = [n for n in ckpt.keys() if not n.endswith(".rotary_emb.inv_freq")]
     floats = {n for n in names if ckpt.infos[n].dtype in CONFIG_NAMES}
     entries = [(n, out_dtype if n in floats else ckpt.infos[n].dtype, ckpt.shape(n)) for n in names]
-    with atomic_output_dir(out, force=force) as tmp:
-        writer = ShardedWriter(tmp, entries, max_shard)
-        try:
-            for name, d, _ in tqdm(
-                entries, desc="merging", unit="tensor", disable=not progress, file=sys.stderr
-            ):
-                writer.write(name, ckpt.get(name, d if name in floats else None))
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        config = dict(ckpt.config)
-        if dtype != "source":
-            config["dtype"] = CONFIG_NAMES[out_dtype]
-            config.pop("torch_dtype", None)
-        config = with_legacy_keys(config)  # readable by transformers 4.x too
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        for aux in AUX_FILES if aux_dir else ():
-            src = os.path.join(aux_dir, aux)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(tmp, aux))
-        for src in code_files(ckpt.path):  # custom architectures: trust_remote_code=True
-            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
-        for src in extra_files:
-            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
-        with open(os.path.join(tmp, "upcycle.json"), "w") as f:
-            json.dump(provenance, f, indent=2)
-            f.write("\n")
-        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
-    total = sum(int(np.prod(s)) for _, _, s in entries)
-    active = total
-    experts_total = sum(int(np.prod(s)) for n, _, s in entries if ".experts." in n)
-    E = config.get("num_local_experts") or config.get("num_experts")
-    if experts_total and E and config.get("num_experts_per_tok"):
-        active = total - experts_total * (E - config["num_experts_per_tok"]) // E
+    config = dict(ckpt.config)
+    if dtype != "source":
+        config["dtype"] = CONFIG_NAMES[out_dtype]
+        config.pop("torch_dtype", None)
+    contents = Contents(
+        config=config,
+        files_from=aux_dir,
+        code_files=code_files(ckpt.path),  # custom architectures: trust_remote_code=True
+        extra_files=extra_files,
+        provenance=provenance,
+    )
+    tensors = _merged_tensors(ckpt, entries, floats, progress)
+    size = write_model(out, entries, tensors, contents, max_shard_bytes=max_shard, force=force)
     return Summary(
         os.path.abspath(out),
         config.get("architectures", ["?"])[0],
-        total,
-        active,
+        sum(int(np.prod(s)) for _, _, s in entries),
+        active_params(entries, config),
         size,
         time.perf_counter() - start,
     )
+
+
+def _merged_tensors(ckpt: Checkpoint, entries: list, floats: set[str], progress: bool):
+    """One {name: array} per entry, in order, read from `ckpt` (floats cast to the output
+    dtype), behind the "merging" progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(entries, desc="merging", unit="tensor", disable=not progress, file=sys.stderr)
+    for name, d, _ in bar:
+        yield {name: ckpt.get(name, d if name in floats else None)}

@@ -2,7 +2,8 @@
 them: names only, in one place.
 
     RUN/adapter_config.json, adapter_model.safetensors   a peft adapter (lora, mixlora, ...)
-    RUN/model.safetensors[.index.json], config.json        whole weights (full, router modes)
+    RUN/model.safetensors[.index.json], config.json        whole weights (full mode)
+    RUN/ROUTER_WEIGHTS                                     the routers alone (router mode)
     RUN/RECORD                                             options, trajectory, final metrics
     RUN/METRICS                                            one JSON line per logged step
     RUN/checkpoint-N/                                      resumable states (train/checkpoints.py)
@@ -10,3 +11,4 @@ them: names only, in one place.
 
 RECORD = "upcycle_train.json"
 METRICS = "metrics.jsonl"
+ROUTER_WEIGHTS = "routers.safetensors"

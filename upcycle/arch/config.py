@@ -1,54 +1,17 @@
 """Config normalization without importing transformers (which costs seconds at start-up).
 
 `source_config` fills in what a dense config.json may leave out with the defaults of that
-family's transformers class, and normalizes rotary settings to transformers 5's
-``rope_parameters``. `target_config` writes the MoE config with the keys every reader needs:
-``rope_parameters`` for transformers 5 and ``rope_theta``/``rope_scaling`` for 4.x and vLLM.
+family's transformers class (its record's ``defaults``, in `upcycle.arch.records`), and
+normalizes rotary settings to transformers 5's ``rope_parameters``. `target_config` writes the
+MoE config with the keys every reader needs: ``rope_parameters`` for transformers 5 and
+``rope_theta``/``rope_scaling`` for 4.x and vLLM.
 A test checks these defaults against the installed transformers classes.
 """
 
 from __future__ import annotations
 
-from upcycle.arch.targets import MoETarget
-
-# Defaults of the transformers config classes (5.x), for keys a config.json may omit.
-_BASE = dict(
-    hidden_act="silu",
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-    attention_dropout=0.0,
-    initializer_range=0.02,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
-FAMILY_DEFAULTS: dict[str, dict] = {
-    "llama": {**_BASE, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
-    "mistral": {
-        **_BASE,
-        "max_position_embeddings": 131072,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "sliding_window": 4096,
-    },
-    "qwen2": {
-        **_BASE,
-        "max_position_embeddings": 32768,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": 28,
-    },
-    "qwen3": {
-        **_BASE,
-        "max_position_embeddings": 32768,
-        "head_dim": 128,
-        "attention_bias": False,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": 28,
-    },
-}
+from upcycle.arch.records import record
+from upcycle.arch.spec import MoETarget
 
 # Keys every supported dense family shares with every target.
 COMMON = (
@@ -88,7 +51,7 @@ def rope_parameters(raw: dict, default_theta: float) -> dict:
 
 def source_config(model_type: str, raw: dict) -> dict:
     """The effective config of a dense checkpoint: its config.json with class defaults filled in."""
-    defaults = FAMILY_DEFAULTS.get(model_type, _BASE)
+    defaults = record(model_type).defaults
     cfg = {**defaults, **{k: v for k, v in raw.items() if v is not None or k not in defaults}}
     cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
     if cfg.get("num_key_value_heads") is None:
@@ -141,7 +104,8 @@ def target_config(
 def with_legacy_keys(cfg: dict) -> dict:
     """cfg plus the keys transformers 4.x, vLLM and llama.cpp read where transformers 5 writes
     others: `rope_theta` and `rope_scaling` next to `rope_parameters`, `torch_dtype` next to
-    `dtype`. Without rope_theta, transformers 4.x silently takes 10000 and the logits go wrong.
+    `dtype`. Without rope_theta, transformers 4.x silently takes its class default (10000 for llama,
+    qwen2 and qwen3; 1e6 for mixtral) and the logits go wrong.
     Keys already present are kept; a new dict."""
     cfg = dict(cfg)
     rope = cfg.get("rope_parameters")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from upcycle.arch.families import DenseFamily
+from upcycle.arch.spec import Arch
 
 
-def expected_shapes(family: DenseFamily, cfg: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
+def expected_shapes(family: Arch, cfg: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """(global tensors, per-layer tensors relative to the layer prefix) -> shape.
 
     Names that may be absent (optional biases, the untied lm_head) are included; callers check

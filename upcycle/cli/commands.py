@@ -8,42 +8,41 @@ import sys
 import click
 
 from upcycle.cli import cli, config_option, hub_kernels_option
-from upcycle.errors import OptionError
 
 
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _prompts(values: tuple) -> tuple[tuple[str, ...], ...]:
-    """Each --expert-prompts value is one expert's prompts: text, or @FILE with one per line.
+def method_flags(command):
+    """One flag per method option (`upcycle.methods.registry.method_options`)."""
+    from upcycle.methods.registry import method_options
 
-    From YAML a value may also be a list of prompts.
-    """
-    out = []
-    for value in values:
-        if isinstance(value, (list, tuple)):
-            out.append(tuple(str(v) for v in value))
-        elif isinstance(value, str) and value.startswith("@"):
-            try:
-                with open(value[1:]) as f:
-                    out.append(tuple(line.strip() for line in f if line.strip()))
-            except OSError as e:
-                raise OptionError(f"--expert-prompts {value}: {e.strerror}") from None
-        else:
-            out.append((str(value),))
-    return tuple(out)
+    for o in reversed(method_options()):
+        decls = [o.cli] + ([o.short] if o.short else [])
+        if o.flag:
+            kw = dict(is_flag=True)
+        elif o.multiple:
+            kw = dict(multiple=True)
+        else:  # None: not given (a method's own default may depend on other options)
+            kw = dict(type=o.type, default=None, show_default=False)
+            if o.default not in (None, ()):
+                kw["help"] = f"{o.help} [default: {o.default}]"
+        command = click.option(*decls, **{"help": o.help, **kw})(command)
+    return command
 
 
-def _weights(value) -> tuple[float, ...]:
-    """--weights as "w1,w2,..." (or a YAML list) -> floats; validated against the models later."""
-    if value is None:
-        return ()
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        return tuple(float(w) for w in items)
-    except ValueError:
-        raise OptionError(f"--weights: cannot read {value!r} (e.g. 0.5,0.25,0.25)") from None
+def given_method_options(values: dict) -> dict:
+    """The method options the user set (on the command line or in --config), by name."""
+    from upcycle.methods.registry import method_options
+
+    given = {}
+    for o in method_options():
+        value = values.pop(o.name)
+        if value is None or (o.multiple and not value) or (o.flag and not value):
+            continue
+        given[o.name] = value
+    return given
 
 
 @cli.command()
@@ -67,97 +66,6 @@ def _weights(value) -> tuple[float, ...]:
     "--target",
     default=None,
     help="MoE architecture: mixtral, qwen2_moe, qwen3_moe (default: per family).",
-)
-@click.option(
-    "--router-init",
-    default="random",
-    show_default=True,
-    help="copy: random, zeros, hidden; granular: random, zeros, virtual-group, centroid, activation.",
-)
-@click.option(
-    "--granularity", "-G", type=int, default=None, help="granular: parts each FFN is cut into."
-)
-@click.option(
-    "--shared-experts",
-    "-S",
-    type=int,
-    default=0,
-    show_default=True,
-    help="granular: parts that form the always-on shared expert (qwen2_moe).",
-)
-@click.option(
-    "--partition",
-    default="contiguous",
-    show_default=True,
-    help="granular: contiguous, random, kmeans or coactivation.",
-)
-@click.option(
-    "--calibration-data",
-    multiple=True,
-    help="Text or JSONL file (or builtin, builtin:code, ...): granular's --partition coactivation "
-    "/ --router-init activation; readme: one per domain (repeat), or one to cluster.",
-)
-@click.option(
-    "--keep",
-    type=float,
-    default=0.5,
-    show_default=True,
-    help="readme: share of each layer's neurons in a domain's mask.",
-)
-@click.option(
-    "--router-layers",
-    type=int,
-    default=1,
-    show_default=True,
-    help="readme: transformer layers of the pre-gating router.",
-)
-@click.option(
-    "--calibration-tokens",
-    type=int,
-    default=8192,
-    show_default=True,
-    help="Calibration tokens per layer kept in memory (readme: per dataset).",
-)
-@click.option(
-    "--router-std",
-    type=float,
-    default=0.02,
-    show_default=True,
-    help="Std of random router weights.",
-)
-@click.option(
-    "--expert-prompts",
-    multiple=True,
-    help="One per expert, for --router-init hidden: a prompt, or @FILE with one prompt per line.",
-)
-@click.option(
-    "--experts-from",
-    multiple=True,
-    help="btx, bam: a dense model whose FFN (bam: and attention) becomes one expert "
-    "(repeat once per expert).",
-)
-@click.option(
-    "--weights",
-    default=None,
-    help="btx, bam: averaging weights of the --experts-from models, e.g. 0.5,0.25,0.25 [uniform].",
-)
-@click.option(
-    "--attention-experts",
-    default="full",
-    show_default=True,
-    help="bam: full (own q, k, v, o per expert) or shared-kv (own q, o; k, v averaged).",
-)
-@click.option(
-    "--parallel-attention",
-    is_flag=True,
-    help="bam: attention and FFN read the same input (changes a sequential model's function).",
-)
-@click.option(
-    "--expert-noise",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Relative Gaussian noise added to each expert copy (breaks exactness).",
 )
 @click.option(
     "--moe-layers",
@@ -187,29 +95,22 @@ def _weights(value) -> tuple[float, ...]:
     help="Flush every file to disk before the final rename (power-cut safe, slower).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@method_flags
 @hub_kernels_option
-def convert(
-    model, out, force, dry_run, fsync, quiet, expert_prompts, experts_from, weights, **options
-):
+def convert(model, out, force, dry_run, fsync, quiet, **options):
     """Convert the dense MODEL into a Mixture-of-Experts checkpoint in OUT.
 
     With --method btx or bam, MODEL is the seed (config, tokenizer, reference inventory) and
-    the experts come from the --experts-from models.
+    the experts come from the --experts-from models. The method options (from --router-init
+    on) apply to the methods their help names.
     """
-    import os
-
-    from upcycle.convert import ConvertOptions, plan_conversion
-    from upcycle.convert import convert as run_convert
+    from upcycle.engine.plan import plan_conversion
+    from upcycle.engine.stream import convert as run_convert
     from upcycle.io.default_model import resolve_model
     from upcycle.io.writer import check_output_dir
+    from upcycle.methods.options import ConvertOptions
 
-    opts = ConvertOptions(
-        expert_prompts=_prompts(expert_prompts),
-        # absolute, since OUT/upcycle.json records them as the experts' provenance
-        experts_from=tuple(os.path.abspath(resolve_model(p, log=_log)) for p in experts_from),
-        weights=_weights(weights),
-        **options,
-    )
+    opts = ConvertOptions(method_options=given_method_options(options), **options)
     source = resolve_model(model, log=_log)
     if dry_run:
         check_output_dir(out, force)

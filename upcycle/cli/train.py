@@ -155,8 +155,8 @@ def train(model, out, quiet, **options):
     --num_processes N -m upcycle train ...` (on CPU too); sharded with FSDP2: `accelerate
     launch --config_file examples/configs/accelerate/fsdp2.yaml ...` (docs/mixlora.md).
     """
-    from upcycle.train.loop import train as run_train
     from upcycle.train.options import TrainOptions
+    from upcycle.train.recipes import train as run_train
 
     final = run_train(TrainOptions(model=model, out=out, progress=not quiet, **options), log=_log)
     import os

@@ -1,7 +1,7 @@
 """Training checkpoints without pickle: weights, optimizer and RNG in safetensors.
 
     OUT/checkpoints/step-N/
-        the weights, as the run's mode saves them (`upcycle.train.modes`):
+        the weights, as the run's strategy saves them (`upcycle.train.strategies`):
           adapter_config.json, adapter_model.safetensors   adapters, loadable with peft
           config.json, model*.safetensors                  --adapter full: the whole model
           routers.safetensors                              --adapter router: the routers
@@ -82,7 +82,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(
-    acc, model, optimizer, scheduler, out: str, step: int, state: dict, mode
+    acc, model, optimizer, scheduler, out: str, step: int, state: dict, strategy
 ) -> str:
     """Every process calls this; the main one writes the shared files and renames. A sharded
     model's weights and optimizer state are gathered by all processes first."""
@@ -99,7 +99,7 @@ def save_checkpoint(
     if weights is not None or acc.is_main_process:
         tensors, groups = optimizer_tensors(optimizer)
     if acc.is_main_process:
-        mode.save(model, tmp, weights)
+        strategy.save(model, tmp, weights)
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump(
@@ -132,7 +132,7 @@ def read_state(path: str) -> dict:
 
 def load_checkpoint(acc, optimizer, scheduler, path: str) -> dict:
     """Restore optimizer, scheduler and this process's RNG; returns the state. The weights are
-    restored before that, into the model before it is sharded or wrapped (`mode.load`)."""
+    restored before that, into the model before it is sharded or wrapped (`strategy.load`)."""
     state = read_state(path)
     try:
         load_optimizer(optimizer, path, state["param_groups"])

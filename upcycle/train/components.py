@@ -1,6 +1,7 @@
-"""Components of a training run, shared by the recipes (`upcycle.train.loop`, the adapter
-recipe; `upcycle.train.readme`, Read-ME's rounds): data, model loading, batching and loss,
-the run folder (checks, metrics, the final save), Ctrl-C handling.
+"""Components of a training run, shared by the recipes (`upcycle.train.recipes.adapter`, the
+adapter recipe; `upcycle.train.recipes.readme`, Read-ME's rounds): data, model loading,
+batching and loss, the run folder (checks, a fresh folder, metrics, the final save), the parts
+of a step loop (progress bar, throughput, heap trimming, Ctrl-C handling).
 """
 
 from __future__ import annotations
@@ -8,21 +9,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import signal
+import sys
+import time
 
 import torch
 
 from upcycle.errors import InputError, OptionError, OutputError, UnsupportedError, UpcycleError
+from upcycle.kernels.workspace import release_workspace
 from upcycle.run_format import RECORD
-from upcycle.train.checkpoints import (
-    latest_checkpoint,
-)
+from upcycle.train.checkpoints import latest_checkpoint
 from upcycle.train.data import IGNORE, Blocks, build_blocks, split_records
 from upcycle.train.loss import chunked_head, hidden_instead_of_logits, linear_cross_entropy
-from upcycle.train.modes import WEIGHT_FILES
+from upcycle.train.memory import HeapTrimmer
 from upcycle.train.options import TrainOptions
+from upcycle.train.strategies.registry import is_weight_file
 
 
 class Interrupted(UpcycleError):
@@ -267,12 +269,8 @@ def check_trajectory(opts: TrainOptions, state: dict) -> None:
             raise OptionError(f"--resume: option {k} was {was!r} and is now {v!r}")
 
 
-def _is_weight_file(name: str) -> bool:
-    return name in WEIGHT_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None
-
-
-def save_final(model, out: str, record: dict, mode, weights: dict | None = None) -> None:
-    """The weights at the root of OUT (as the mode saves them; `weights`: a sharded model's
+def save_final(model, out: str, record: dict, strategy, weights: dict | None = None) -> None:
+    """The weights at the root of OUT (as the strategy saves them; `weights`: a sharded model's
     full tensors), each file renamed into place.
 
     The record goes first out and last in, so a root with a record is always whole; weight
@@ -280,15 +278,106 @@ def save_final(model, out: str, record: dict, mode, weights: dict | None = None)
     tmp = os.path.join(out, ".final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    mode.save(model, tmp, weights)
+    strategy.save(model, tmp, weights)
     with open(os.path.join(tmp, RECORD), "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
     if os.path.isfile(os.path.join(out, RECORD)):
         os.remove(os.path.join(out, RECORD))
     for name in os.listdir(out):
-        if _is_weight_file(name) and os.path.isfile(os.path.join(out, name)):
+        if is_weight_file(name) and os.path.isfile(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     for name in sorted(os.listdir(tmp), key=lambda n: n == RECORD):  # the record goes last
         os.replace(os.path.join(tmp, name), os.path.join(out, name))
     os.rmdir(tmp)
+
+
+# -- the parts of a recipe's run ----------------------------------------------------------------
+
+
+def log_to_stderr(message: str) -> None:
+    """A recipe's default log: one line on stderr."""
+    print(message, file=sys.stderr)
+
+
+def start_fresh(opts: TrainOptions) -> None:
+    """OUT for a new run: emptied first with --force (`check_out` allowed it), then created."""
+    if opts.force and os.path.isdir(opts.out):
+        shutil.rmtree(opts.out)
+    os.makedirs(opts.out, exist_ok=True)
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl: one JSON line per entry. Only the main process writes (`enabled`)."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def truncate(self, step: int) -> None:
+        """Drop the lines past `step` (`truncate_metrics`)."""
+        if self.enabled:
+            truncate_metrics(self.path, step)
+
+    def write(self, entry: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    """The step loop's tqdm bar on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+class Throughput:
+    """Tokens per second since the loop started, and the run's elapsed seconds (a resumed run
+    adds the ones its checkpoint recorded)."""
+
+    def __init__(self, tokens: int, elapsed_before: float = 0.0):
+        self.t0 = time.perf_counter()
+        self.tokens_at_start = tokens
+        self.elapsed_before = elapsed_before
+
+    def measure(self, tokens: int) -> tuple[float, dict]:
+        """(tokens/s, the metrics entry's tokens, tokens_per_s and elapsed_s)."""
+        elapsed = time.perf_counter() - self.t0
+        tps = (tokens - self.tokens_at_start) / max(elapsed, 1e-9)
+        return tps, {
+            "tokens": tokens,
+            "tokens_per_s": round(tps, 2),
+            "elapsed_s": round(self.elapsed_before + elapsed, 3),
+        }
+
+
+def trim_heap(opts: TrainOptions, model, device, say) -> HeapTrimmer:
+    """A HeapTrimmer, attached to the model under --trim-memory on CPU (`upcycle.train.memory`)."""
+    trimmer = HeapTrimmer()
+    if opts.trim_memory and device.type == "cpu" and not trimmer.attach(model):
+        say("note: --trim-memory needs glibc and decoder layers with `self_attn`; ignored")
+    return trimmer
+
+
+def end_steps(bar, trimmer: HeapTrimmer) -> None:
+    """After the last step: close the bar, free the kernels' workspace, detach the trimmer."""
+    bar.close()
+    release_workspace()
+    trimmer.detach()
+
+
+def interrupted(bar, step: int, path: str) -> Interrupted:
+    """The error that ends a run after Ctrl-C, once its checkpoint is saved in `path`."""
+    bar.close()
+    return Interrupted(
+        f"interrupted at step {step}; checkpoint saved in {path} (continue with --resume)"
+    )

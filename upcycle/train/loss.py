@@ -9,7 +9,8 @@ multiply. Same arithmetic as `F.cross_entropy` on `lm_head` logits upcast to fp3
 
 The model's own forward still runs (so DDP hooks, adapters and router losses work as usual);
 only its `lm_head` is swapped for an identity during the call, for the model types whose
-forward does nothing to logits after the head (see PLAIN_HEAD).
+forward does nothing to logits after the head (their record in `upcycle.arch` has
+``plain_head``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import contextlib
 import torch
 from torch import nn
 
+from upcycle.arch import record
 from upcycle.train.data import IGNORE
 
-# Causal LMs whose forward is `logits = lm_head(hidden[:, keep])` and nothing more (no
-# soft-capping or logit scaling after the head).
-PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"})
 CHUNK = 256
 
 
@@ -93,7 +92,7 @@ def chunked_head(model: nn.Module) -> nn.Linear | None:
     head = getattr(lm, "lm_head", None)
     config = getattr(lm, "config", None)
     if (
-        getattr(config, "model_type", None) not in PLAIN_HEAD
+        not record(getattr(config, "model_type", None)).plain_head
         or type(head) is not nn.Linear
         or head.bias is not None
         or head.weight.requires_grad

@@ -6,29 +6,13 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 from upcycle.errors import OptionError
 
-ADAPTERS = ("mixlora", "lora", "experts-lora", "full", "router")
-METHODS = ("adapter", "readme")  # adapter: train what --adapter says; readme: upcycle.train.readme
-WEIGHT_MODES = ("full", "router")  # train the model's own weights: no LoRA, no quantized base
+# the --adapter names, and which options apply to which, come from the strategies' registry
+from upcycle.train.strategies.registry import ADAPTERS, LORA_ONLY, OWN_OPTIONS, WEIGHT_MODES
+
+METHODS = ("adapter", "readme")  # the recipes (upcycle.train.recipes): adapter, readme
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-# Options of the LoRA adapters (and their quantized bases), refused by the WEIGHT_MODES when
-# they differ from their defaults: name -> how the command line spells it.
-LORA_ONLY = {
-    "num_experts": "--num-experts/-E",
-    "top_k": "--top-k/-k",
-    "r": "--r",
-    "alpha": "--alpha",
-    "dropout": "--dropout",
-    "target_modules": "--target-modules",
-    "expert_view": "--expert-view",
-    "granularity": "--granularity",
-    "router_z_loss_coef": "--router-z-loss-coef",
-    "jitter_noise": "--jitter-noise",
-    "load_in_4bit": "--load-in-4bit",
-    "load_in_8bit": "--load-in-8bit",
-}
 
 # Options that may change between a run and its --resume (they do not change the trajectory).
 RESUMABLE = {
@@ -157,17 +141,19 @@ class TrainOptions:
             raise OptionError("--seq-len must be at least 2")
         if self.load_in_4bit and self.load_in_8bit:
             raise OptionError("--load-in-4bit and --load-in-8bit exclude each other")
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
         if self.adapter in WEIGHT_MODES:
-            defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
             for name, flag in LORA_ONLY.items():
                 if getattr(self, name) != defaults[name]:
                     raise OptionError(
                         f"{flag} applies to the LoRA adapters, not to --adapter {self.adapter}"
                     )
-        if self.adapter != "mixlora":
-            for name, default in (("expert_view", "copy"), ("granularity", 1)):
-                if getattr(self, name) != default:
-                    raise OptionError(f"--{name.replace('_', '-')} applies to --adapter mixlora")
+        for adapter, names in OWN_OPTIONS.items():
+            if adapter != self.adapter:
+                for name in names:
+                    if getattr(self, name) != defaults[name]:
+                        flag = "--" + name.replace("_", "-")
+                        raise OptionError(f"{flag} applies to --adapter {adapter}")
 
     def _validate_method(self) -> None:
         """--method readme: its schedule options, and no option it does not use."""

@@ -115,7 +115,7 @@ def full_weights(model) -> dict[str, torch.Tensor] | None:
     """For a sharded model, its state dict as full CPU tensors: the trainable parameters,
     gathered from every process (so every process must call this, in step), and the buffers;
     frozen sharded parameters (the base under an adapter) are left out. None when no parameter
-    is sharded: the modes then save from the model itself."""
+    is sharded: the strategies then save from the model itself."""
     from torch.distributed.tensor import DTensor
 
     entries = model.state_dict(keep_vars=True)

@@ -1,51 +1,20 @@
-"""What a conversion writes besides the weights: config, tokenizer files, provenance, model card."""
+"""What a conversion writes besides the weights: its config, provenance and model card.
+
+`conversion_contents(plan)` is handed to the one writer of model folders
+(`upcycle.engine.outputs.write_model`), which also copies the tokenizer files and code.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from dataclasses import asdict
 
 from upcycle import __version__
+from upcycle.engine.outputs import Contents, human_count
 from upcycle.io.arrays import CONFIG_NAMES
 
-# Tokenizer and generation files copied verbatim from the source folder.
-AUX_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
-
-def human_count(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
-def write_metadata(plan, folder: str) -> None:
-    """config.json, the source's tokenizer files, upcycle.json and README.md into `folder`."""
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(plan.config, f, indent=2)
-        f.write("\n")
-    for name in AUX_FILES:
-        src = os.path.join(plan.source, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(folder, name))
-    for src in plan.code_files:  # custom architectures: loaded with trust_remote_code=True
-        shutil.copyfile(src, os.path.join(folder, os.path.basename(src)))
-    write_files = getattr(plan.method, "write_files", None)  # readme: its neuron sets
-    if write_files:
-        write_files(folder)
+def conversion_contents(plan) -> Contents:
+    """config.json, the source's tokenizer files, the method's files, upcycle.json, README.md."""
     provenance = {
         "upcycle_version": __version__,
         "method": plan.options.method,
@@ -58,15 +27,19 @@ def write_metadata(plan, folder: str) -> None:
         },
         "target": {"model_type": plan.target.model_type, "architecture": plan.target.architecture},
         "moe_layers": plan.moe_layers,
-        "options": asdict(plan.options),
+        "options": plan.options.record(),
     }
-    if getattr(plan.method, "report", None):  # what a data-driven method found (readme)
-        provenance["report"] = plan.method.report
-    with open(os.path.join(folder, "upcycle.json"), "w") as f:
-        json.dump(provenance, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(_model_card(plan))
+    report = plan.method.report()
+    if report:  # what a data-driven method found (readme)
+        provenance["report"] = report
+    return Contents(
+        config=plan.config,
+        files_from=plan.source,
+        code_files=plan.code_files,  # custom architectures: loaded with trust_remote_code=True
+        write_files=plan.method.write_files,
+        provenance=provenance,
+        card=_model_card(plan),
+    )
 
 
 def _model_card(plan) -> str:

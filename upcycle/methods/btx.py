@@ -20,27 +20,73 @@ from collections.abc import Sequence
 import numpy as np
 
 from upcycle.arch.families import FAMILIES
-from upcycle.converters.base import MethodInfo, MoELayer, MoELayout, register
-from upcycle.converters.routers import (
+from upcycle.errors import InputError, OptionError
+from upcycle.io.arrays import cast, to_float32
+from upcycle.io.checkpoint import Checkpoint
+from upcycle.methods.base import Method, MethodInfo, MoELayer, MoELayout
+from upcycle.methods.options import (
+    EXPERT_PROMPTS,
+    ROUTER_INIT,
+    ROUTER_STD,
+    ConvertOptions,
+    Option,
+)
+from upcycle.methods.routers import (
     ROUTER_INITS,
     hidden_state_means,
     hidden_state_rows,
     random_router,
     zeros_router,
 )
-from upcycle.errors import InputError, OptionError
-from upcycle.io.arrays import cast, to_float32
-from upcycle.io.checkpoint import Checkpoint
 
-INFO = register(
-    MethodInfo(
-        name="btx",
-        paper="https://arxiv.org/abs/2403.07816",
-        summary="model e's FFN becomes expert e; all other tensors averaged over the models "
-        "(Branch-Train-MiX)",
-        exact="exact for any router when all models are identical (renormalized top-k); "
-        "otherwise a merge to be fine-tuned",
-    )
+INFO = MethodInfo(
+    name="btx",
+    paper="https://arxiv.org/abs/2403.07816",
+    summary="model e's FFN becomes expert e; all other tensors averaged over the models "
+    "(Branch-Train-MiX)",
+    exact="exact for any router when all models are identical (renormalized top-k); "
+    "otherwise a merge to be fine-tuned",
+)
+
+
+def _model_paths(values) -> tuple[str, ...]:
+    """Absolute paths (OUT/upcycle.json records them as the experts' provenance); the name
+    `default` is the default model, built on first use."""
+    import os
+    import sys
+
+    from upcycle.io.default_model import resolve_model
+
+    def log(msg):
+        print(msg, file=sys.stderr)
+
+    return tuple(os.path.abspath(resolve_model(str(p), log=log)) for p in values)
+
+
+def _weights(value) -> tuple[float, ...]:
+    """--weights as "w1,w2,..." (or a YAML list) -> floats; validated against the models later."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return tuple(float(w) for w in items)
+    except ValueError:
+        raise OptionError(f"--weights: cannot read {value!r} (e.g. 0.5,0.25,0.25)") from None
+
+
+EXPERTS_FROM = Option(
+    "experts_from",
+    (),
+    "btx, bam: a dense model whose FFN (bam: and attention) becomes one expert "
+    "(repeat once per expert).",
+    multiple=True,
+    parse=_model_paths,
+)
+WEIGHTS = Option(
+    "weights",
+    (),
+    "btx, bam: averaging weights of the --experts-from models, e.g. 0.5,0.25,0.25 [uniform].",
+    parse=_weights,
 )
 
 # Config entries that change what a tensor means without changing its shape: models that differ
@@ -160,10 +206,11 @@ class AveragedCheckpoint(Checkpoint):
         return experts
 
 
-class BTXMethod:
+class BTXMethod(Method):
     """BTX conversion: experts from N models, everything else averaged (see module docstring)."""
 
     info = INFO
+    options = (ROUTER_INIT, ROUTER_STD, EXPERT_PROMPTS, EXPERTS_FROM, WEIGHTS)
 
     def __init__(
         self,
@@ -187,6 +234,12 @@ class BTXMethod:
         self.expert_prompts = expert_prompts
         self._reader: AveragedCheckpoint | None = None
         self._hidden: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_options(cls, opts: ConvertOptions) -> BTXMethod:
+        return cls(
+            num_experts=opts.num_experts, top_k=opts.top_k, seed=opts.seed, **opts.method_options
+        )
 
     def validate(self) -> None:
         n = len(self.experts_from)
@@ -240,7 +293,7 @@ class BTXMethod:
     def layout(self, hidden: int, intermediate: int) -> MoELayout:
         return MoELayout(self.num_experts, self.top_k, expert_width=intermediate)
 
-    def prepare(self, source_dir: str, moe_layers: list[int], log) -> None:
+    def calibrate(self, reader, moe_layers: list[int], log) -> None:
         """Hidden-state routers: each model runs its own prompts (row e from model e).
 
         Model e is the one trained on expert e's domain, so its hidden states say best what

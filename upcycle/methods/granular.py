@@ -26,29 +26,57 @@ from __future__ import annotations
 
 import numpy as np
 
-from upcycle.converters import partitions as P
-from upcycle.converters.base import MethodInfo, MoELayer, MoELayout, register
-from upcycle.converters.calibration import LayerActivations, collect_activations, fit_linear_router
-from upcycle.converters.routers import random_router
 from upcycle.errors import OptionError
 from upcycle.io.arrays import cast, to_float32
+from upcycle.methods import partitions as P
+from upcycle.methods.base import Method, MethodInfo, MoELayer, MoELayout
+from upcycle.methods.calibration import LayerActivations, collect_activations, fit_linear_router
+from upcycle.methods.options import (
+    CALIBRATION_DATA,
+    CALIBRATION_TOKENS,
+    ROUTER_INIT,
+    ROUTER_STD,
+    ConvertOptions,
+    Option,
+)
+from upcycle.methods.routers import random_router
 
-INFO = register(
-    MethodInfo(
-        name="granular",
-        paper="https://arxiv.org/abs/2410.07524",
-        summary="each FFN split into G fine-grained parts: S shared, G-S routed (replicated to E)",
-        exact="exact when top-k equals the number of routed experts and the router is uniform "
-        "(--router-init zeros), or with --router-init virtual-group when top-k is a multiple of "
-        "G - S (whole copies)",
-    )
+INFO = MethodInfo(
+    name="granular",
+    paper="https://arxiv.org/abs/2410.07524",
+    summary="each FFN split into G fine-grained parts: S shared, G-S routed (replicated to E)",
+    exact="exact when top-k equals the number of routed experts and the router is uniform "
+    "(--router-init zeros), or with --router-init virtual-group when top-k is a multiple of "
+    "G - S (whole copies)",
+)
+GRANULARITY = Option(
+    "granularity", None, "granular: parts each FFN is cut into.", type=int, short="-G"
+)
+SHARED_EXPERTS = Option(
+    "shared_experts",
+    0,
+    "granular: parts that form the always-on shared expert (qwen2_moe).",
+    type=int,
+    short="-S",
+)
+PARTITION = Option(
+    "partition", "contiguous", "granular: contiguous, random, kmeans or coactivation."
 )
 ROUTER_INITS = ("random", "zeros", "virtual-group", "centroid", "activation")
 NEEDS_DATA = {"partition": ("coactivation",), "router_init": ("activation",)}
 
 
-class GranularMethod:
+class GranularMethod(Method):
     info = INFO
+    options = (
+        ROUTER_INIT,
+        GRANULARITY,
+        SHARED_EXPERTS,
+        PARTITION,
+        CALIBRATION_DATA,
+        CALIBRATION_TOKENS,
+        ROUTER_STD,
+    )
 
     def __init__(
         self,
@@ -61,7 +89,7 @@ class GranularMethod:
         router_init: str = "random",
         router_std: float = 0.02,
         seed: int = 0,
-        calibration_texts: list[str] | None = None,
+        calibration_data: str | None = None,
         calibration_tokens: int = 8192,
         active_fraction: float | None = None,
     ):
@@ -73,10 +101,26 @@ class GranularMethod:
         self.router_init = router_init
         self.router_std = router_std
         self.seed = seed
-        self.calibration_texts = calibration_texts
+        self.calibration_data = calibration_data  # a dataset spec (upcycle.data.resolve_texts)
         self.calibration_tokens = calibration_tokens
         self.active_fraction = active_fraction
         self._acts: dict[int, LayerActivations] = {}
+
+    @classmethod
+    def from_options(cls, opts: ConvertOptions) -> GranularMethod:
+        own = dict(opts.method_options)
+        if own["granularity"] is None:
+            raise OptionError("--method granular needs --granularity")
+        data = own.pop("calibration_data")
+        if len(data) > 1:
+            raise OptionError("--method granular takes one --calibration-data")
+        return cls(
+            num_experts=opts.num_experts,
+            top_k=opts.top_k,
+            seed=opts.seed,
+            calibration_data=data[0] if data else None,
+            **own,
+        )
 
     @property
     def replicas(self) -> int:
@@ -116,12 +160,12 @@ class GranularMethod:
             )
         for option, values in NEEDS_DATA.items():
             value = getattr(self, option)
-            if value in values and not self.calibration_texts:
+            if value in values and not self.calibration_data:
                 flag = "--" + option.replace("_", "-")
                 raise OptionError(f"{flag} {value} needs --calibration-data")
 
     def describe(self) -> str:
-        data = f", calibration {self.calibration_tokens} tokens" if self.calibration_texts else ""
+        data = f", calibration {self.calibration_tokens} tokens" if self.calibration_data else ""
         return (
             f"{self.granularity} parts ({self.shared} shared, {self.granularity - self.shared} routed "
             f"x{self.replicas}), partition {self.partition}, router init {self.router_init}{data}"
@@ -137,13 +181,15 @@ class GranularMethod:
             self.num_experts, self.top_k, expert_width=width, shared_width=self.shared * width
         )
 
-    def prepare(self, source_dir: str, moe_layers: list[int], log) -> None:
-        if self.calibration_texts and (
+    def calibrate(self, reader, moe_layers: list[int], log) -> None:
+        if self.calibration_data and (
             self.partition == "coactivation" or self.router_init == "activation" or self.shared
         ):
+            from upcycle.data import resolve_texts
+
             self._acts = collect_activations(
-                source_dir,
-                self.calibration_texts,
+                reader.path,
+                resolve_texts(self.calibration_data, split="calibration"),
                 moe_layers,
                 max_tokens=self.calibration_tokens,
                 log=log,

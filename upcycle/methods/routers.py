@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from upcycle.converters.base import layer_rng
+from upcycle.methods.base import layer_rng
 
 ROUTER_INITS = ("random", "zeros", "hidden")
 
@@ -47,7 +47,7 @@ def hidden_state_means(
     import torch
     from transformers import AutoTokenizer
 
-    from upcycle.converters.calibration import load_for_calibration
+    from upcycle.methods.calibration import load_for_calibration
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = load_for_calibration(model_dir)

@@ -23,24 +23,25 @@ exact too (the average of identical k, v is k, v). Parallel attention never is.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from upcycle.arch.families import FAMILIES
-from upcycle.converters.base import MethodInfo, register
-from upcycle.converters.btx import BTXMethod
-from upcycle.converters.routers import random_router, zeros_router
 from upcycle.errors import OptionError, UnsupportedError
 from upcycle.io.arrays import cast
+from upcycle.methods.base import MethodInfo
+from upcycle.methods.btx import BTXMethod
+from upcycle.methods.options import Option
+from upcycle.methods.routers import random_router, zeros_router
 
-INFO = register(
-    MethodInfo(
-        name="bam",
-        paper="https://arxiv.org/abs/2408.08274",
-        summary="model e's FFN becomes FFN expert e and its attention attention expert e "
-        "(soft-routed); other tensors averaged (Branch-Attend-Mix)",
-        exact="exact when all models are identical (sequential attention, uniform attention "
-        "router); otherwise a merge to be fine-tuned",
-    )
+INFO = MethodInfo(
+    name="bam",
+    paper="https://arxiv.org/abs/2408.08274",
+    summary="model e's FFN becomes FFN expert e and its attention attention expert e "
+    "(soft-routed); other tensors averaged (Branch-Attend-Mix)",
+    exact="exact when all models are identical (sequential attention, uniform attention "
+    "router); otherwise a merge to be fine-tuned",
 )
 
 ATTENTION_EXPERTS = ("full", "shared-kv")
@@ -56,10 +57,24 @@ _PER_EXPERT = {  # attention tensors that become per-expert (relative name -> co
 }
 
 
+ATTENTION = Option(
+    "attention_experts",
+    "full",
+    "bam: full (own q, k, v, o per expert) or shared-kv (own q, o; k, v averaged).",
+)
+PARALLEL = Option(
+    "parallel_attention",
+    False,
+    "bam: attention and FFN read the same input (changes a sequential model's function).",
+    flag=True,
+)
+
+
 class BAMMethod(BTXMethod):
     """BAM conversion: BTX's FFN experts plus soft-routed attention experts."""
 
     info = INFO
+    options = BTXMethod.options + (ATTENTION, PARALLEL)
     target = "upcycle_bam"  # the architecture it writes, whatever --target says
 
     def __init__(self, *, attention_experts: str = "full", parallel_attention: bool = False, **btx):
@@ -98,8 +113,10 @@ class BAMMethod(BTXMethod):
         parallel = ", parallel attention" if self.parallel_attention else ""
         return f"{super().describe()}; attention experts {self.attention_experts}{parallel}"
 
-    def adapt_plan(self, plan) -> None:
+    def adapt_plan(self, plan):
         """Attention tensors widened to N experts, a router per layer, the BAM config."""
+        from upcycle.modeling import auto_map, code_files
+
         n, hidden = len(self.experts_from), plan.config["hidden_size"]
         prefix0 = plan.family.layer_prefix.split("{")[0]
         entries = []
@@ -111,22 +128,22 @@ class BAMMethod(BTXMethod):
             entries.append((name, dtype, shape))
             if rel == "self_attn.o_proj.weight":
                 entries.append((name[: -len(rel)] + ROUTER, dtype, (n, hidden)))
-        plan.entries = entries
-        cfg = plan.config
-        layer0 = plan.layer_tensors[0]
+        cfg = dict(plan.config)
         window = cfg.get("sliding_window") and plan.reader.config.get("use_sliding_window", True)
-        from upcycle.modeling import auto_map, code_files
-
         cfg.update(
             num_attention_experts=n,
             attention_experts=self.attention_experts.replace("-", "_"),
             parallel_attention=self.parallel_attention,
-            qkv_bias=any(x.endswith("self_attn.q_proj.bias") for x in layer0),
+            qkv_bias=any(x.endswith("self_attn.q_proj.bias") for x in plan.layer_tensors[0]),
             sliding_window=cfg.get("sliding_window") if window else None,
             auto_map=auto_map(self.target),
         )
-        plan.config = dict(sorted(cfg.items()))
-        plan.code_files = code_files(self.target)
+        return dataclasses.replace(
+            plan,
+            entries=entries,
+            config=dict(sorted(cfg.items())),
+            code_files=code_files(self.target),
+        )
 
     def attention_router(self, layer: int, hidden: int) -> np.ndarray:
         """Zeros (uniform mixing: exact for identical models) unless --router-init random."""

@@ -11,23 +11,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from upcycle.converters.base import MethodInfo, MoELayer, MoELayout, layer_rng, register
-from upcycle.converters.routers import (
+from upcycle.io.arrays import cast, to_float32
+from upcycle.methods.base import Method, MethodInfo, MoELayer, MoELayout, layer_rng
+from upcycle.methods.options import EXPERT_PROMPTS, ROUTER_INIT, ROUTER_STD, ConvertOptions, Option
+from upcycle.methods.routers import (
     ROUTER_INITS,
     hidden_state_means,
     hidden_state_rows,
     random_router,
     zeros_router,
 )
-from upcycle.io.arrays import cast, to_float32
 
-INFO = register(
-    MethodInfo(
-        name="copy",
-        paper="https://arxiv.org/abs/2212.05055",
-        summary="each FFN copied into E identical experts (Sparse Upcycling, AquilaMoE scale-out)",
-        exact="exact for any router when top-k weights are renormalized and --expert-noise is 0",
-    )
+INFO = MethodInfo(
+    name="copy",
+    paper="https://arxiv.org/abs/2212.05055",
+    summary="each FFN copied into E identical experts (Sparse Upcycling, AquilaMoE scale-out)",
+    exact="exact for any router when top-k weights are renormalized and --expert-noise is 0",
+)
+EXPERT_NOISE = Option(
+    "expert_noise",
+    0.0,
+    "Relative Gaussian noise added to each expert copy (breaks exactness).",
+    type=float,
 )
 
 
@@ -59,10 +64,11 @@ def copy_experts(
     return experts
 
 
-class CopyMethod:
+class CopyMethod(Method):
     """Copy upcycling with a choice of router initialization."""
 
     info = INFO
+    options = (ROUTER_INIT, ROUTER_STD, EXPERT_NOISE, EXPERT_PROMPTS)
 
     def __init__(
         self,
@@ -83,6 +89,15 @@ class CopyMethod:
         self.seed = seed
         self.expert_prompts = expert_prompts
         self._hidden: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_options(cls, opts: ConvertOptions) -> CopyMethod:
+        return cls(
+            num_experts=8 if opts.num_experts is None else opts.num_experts,
+            top_k=opts.top_k,
+            seed=opts.seed,
+            **opts.method_options,
+        )
 
     def validate(self) -> None:
         from upcycle.errors import OptionError
@@ -119,13 +134,13 @@ class CopyMethod:
     def layout(self, hidden: int, intermediate: int) -> MoELayout:
         return MoELayout(self.num_experts, self.top_k, expert_width=intermediate)
 
-    def prepare(self, source_dir: str, moe_layers: list[int], log) -> None:
+    def calibrate(self, reader, moe_layers: list[int], log) -> None:
         if self.router_init == "hidden":
             log(
                 f"computing hidden-state routers from {sum(map(len, self.expert_prompts))} prompts ..."
             )
             means = hidden_state_means(
-                source_dir, [list(p) for p in self.expert_prompts], moe_layers
+                reader.path, [list(p) for p in self.expert_prompts], moe_layers
             )
             self._hidden = {i: hidden_state_rows(m) for i, m in means.items()}
 

@@ -22,22 +22,26 @@ FFN), a domain-level choice. `--keep 1` keeps every neuron in the residual, whic
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
-from upcycle.converters.base import MethodInfo, MoELayer, MoELayout, register
 from upcycle.errors import InputError, OptionError
 from upcycle.io.arrays import STORAGE, cast
+from upcycle.methods.base import Method, MethodInfo, MoELayer, MoELayout
+from upcycle.methods.options import CALIBRATION_DATA, CALIBRATION_TOKENS, ConvertOptions, Option
 
-INFO = register(
-    MethodInfo(
-        name="readme",
-        paper="https://arxiv.org/abs/2410.19123",
-        summary="experts = per-domain activation masks minus their shared residual; one "
-        "pre-gating router over token ids for all layers (Read-ME)",
-        exact="exact only with --keep 1; otherwise an approximation to be trained",
-    )
+INFO = MethodInfo(
+    name="readme",
+    paper="https://arxiv.org/abs/2410.19123",
+    summary="experts = per-domain activation masks minus their shared residual; one "
+    "pre-gating router over token ids for all layers (Read-ME)",
+    exact="exact only with --keep 1; otherwise an approximation to be trained",
+)
+KEEP = Option("keep", 0.5, "readme: share of each layer's neurons in a domain's mask.", type=float)
+ROUTER_LAYERS = Option(
+    "router_layers", 1, "readme: transformer layers of the pre-gating router.", type=int
 )
 
 ROUTER_PREFIX = "model.router."
@@ -132,12 +136,14 @@ def activation_scores(dense_model, ids, member: np.ndarray, batch_size: int = 4)
     return torch.cat(scores)
 
 
-class ReadmeMethod:
-    """Read-ME conversion (see module docstring). Calibration runs when the engine first asks
-    for the layout (after the source's checks, before the plan), because the experts' widths
-    depend on the masks; `--dry-run` calibrates too."""
+class ReadmeMethod(Method):
+    """Read-ME conversion (see module docstring). The experts' widths depend on the masks:
+    before calibration `layout` gives upper bounds (what `--dry-run` shows), after it the
+    widths found."""
 
     info = INFO
+    options = (CALIBRATION_DATA, KEEP, ROUTER_LAYERS, CALIBRATION_TOKENS)
+    default_top_k = 1
     target = "upcycle_readme"
 
     def __init__(
@@ -162,11 +168,16 @@ class ReadmeMethod:
         self.router_layers = router_layers
         self.router_intermediate_size = router_intermediate_size
         self.seed = seed
-        self.report: dict = {}
+        self.found: dict = {}  # what calibration found (upcycle.json's report)
         self._experts: list[list[np.ndarray]] = []  # [layer][expert] -> neuron indices
         self._residual: list[np.ndarray] = []  # [layer] -> neuron indices
         self._head: np.ndarray | None = None  # (E, H) float32
-        self._source: str | None = None
+
+    @classmethod
+    def from_options(cls, opts: ConvertOptions) -> ReadmeMethod:
+        return cls(
+            num_experts=opts.num_experts, top_k=opts.top_k, seed=opts.seed, **opts.method_options
+        )
 
     @property
     def domains(self) -> int:
@@ -203,10 +214,10 @@ class ReadmeMethod:
 
     def describe(self) -> str:
         widths = ""
-        if self.report:
+        if self.found:
             widths = (
-                f"; residual {self.report['residual_width']}, experts "
-                f"{self.report['expert_width']} neurons (padded)"
+                f"; residual {self.found['residual_width']}, experts "
+                f"{self.found['expert_width']} neurons (padded)"
             )
         return (
             f"{self.domains} domains from {len(self.calibration_data)} dataset(s), keep "
@@ -216,17 +227,20 @@ class ReadmeMethod:
     # -- calibration --------------------------------------------------------------------------
 
     def open_checkpoint(self, source: str):
+        from upcycle.arch import RECORDS, record
+        from upcycle.errors import UnsupportedError
         from upcycle.io.checkpoint import Checkpoint
 
         ckpt = Checkpoint(source)
-        if ckpt.model_type not in ("llama", "mistral"):
-            from upcycle.errors import UnsupportedError
-
+        if not record(ckpt.model_type).readme:
+            families = " and ".join(t for t, r in RECORDS.items() if r.readme)
             raise UnsupportedError(
-                f"--method readme supports llama and mistral models, not {ckpt.model_type}"
+                f"--method readme supports {families} models, not {ckpt.model_type}"
             )
-        self._source = source
         return ckpt
+
+    def calibrate(self, reader, moe_layers: list[int], log) -> None:
+        self._calibrate(reader.path)
 
     def _calibrate(self, source: str) -> None:
         import sys
@@ -234,8 +248,8 @@ class ReadmeMethod:
         import torch
         from transformers import AutoTokenizer
 
-        from upcycle.converters.calibration import load_for_calibration
         from upcycle.data import resolve_texts, token_blocks
+        from upcycle.methods.calibration import load_for_calibration
 
         def say(msg):
             print(msg, file=sys.stderr)
@@ -290,7 +304,7 @@ class ReadmeMethod:
         labels = activation_scores(model, ids, member).argmax(1).numpy()  # (tokens,)
         emb = model.get_input_embeddings().weight.detach().float().numpy()
         self._fit_head(emb, ids.reshape(-1).numpy(), labels, model.config.rms_norm_eps)
-        self.report = {
+        self.found = {
             "domains": E,
             "intermediate_size": inter,
             "blocks_per_domain": np.bincount(domain, minlength=E).tolist(),
@@ -301,10 +315,10 @@ class ReadmeMethod:
             "label_share": np.bincount(labels, minlength=E).astype(float) / len(labels),
             "router_train_accuracy": self._accuracy,
         }
-        self.report["label_share"] = [round(float(x), 4) for x in self.report["label_share"]]
+        self.found["label_share"] = [round(float(x), 4) for x in self.found["label_share"]]
         say(
-            f"readme: residual {self.report['residual_width']} neurons, experts "
-            f"{self.report['expert_width']}; router fit accuracy {self._accuracy:.3f}"
+            f"readme: residual {self.found['residual_width']} neurons, experts "
+            f"{self.found['expert_width']}; router fit accuracy {self._accuracy:.3f}"
         )
 
     def _profiles(self, model, ids) -> np.ndarray:
@@ -330,7 +344,7 @@ class ReadmeMethod:
         return torch.cat(out).numpy()
 
     def _fit_head(self, emb: np.ndarray, tokens: np.ndarray, labels: np.ndarray, eps: float):
-        from upcycle.converters.calibration import fit_linear_router
+        from upcycle.methods.calibration import fit_linear_router
 
         x = emb[tokens]
         x = x / np.sqrt((x**2).mean(1, keepdims=True) + eps)  # the pre-gate's RMSNorm at init
@@ -346,7 +360,7 @@ class ReadmeMethod:
         import os
 
         record = {
-            "source_intermediate_size": int(self.report["intermediate_size"]),
+            "source_intermediate_size": int(self.found["intermediate_size"]),
             "layers": [
                 {"residual": r.tolist(), "experts": [e.tolist() for e in experts]}
                 for r, experts in zip(self._residual, self._experts, strict=True)
@@ -358,19 +372,20 @@ class ReadmeMethod:
     # -- the engine's hooks ---------------------------------------------------------------------
 
     def layout(self, hidden: int, intermediate: int) -> MoELayout:
-        if not self.report:
-            if self._source is None:
-                raise RuntimeError("ReadmeMethod.layout before open_checkpoint")
-            self._calibrate(self._source)
+        if not self.found:  # before calibration: a mask keeps at most `keep` of the neurons
+            bound = _aligned(int(round(self.keep * intermediate)))
+            return MoELayout(
+                self.domains, self.top_k, expert_width=bound, shared_width=bound, final=False
+            )
         return MoELayout(
             self.domains,
             self.top_k,
-            expert_width=self.report["expert_width"],
-            shared_width=self.report["residual_width"],
+            expert_width=self.found["expert_width"],
+            shared_width=self.found["residual_width"],
         )
 
-    def prepare(self, source_dir: str, moe_layers: list[int], log) -> None:
-        pass
+    def report(self) -> dict | None:
+        return self.found or None
 
     def layer(self, i: int, ffn: dict[str, np.ndarray], dtype: str) -> MoELayer:
         def part(idx: np.ndarray, width: int) -> dict[str, np.ndarray]:
@@ -382,21 +397,19 @@ class ReadmeMethod:
             down[:, : len(idx)] = ffn["down"][:, idx]
             return {"gate": gate, "up": up, "down": down}
 
-        experts = [part(idx, self.report["expert_width"]) for idx in self._experts[i]]
-        shared = part(self._residual[i], self.report["residual_width"])
+        experts = [part(idx, self.found["expert_width"]) for idx in self._experts[i]]
+        shared = part(self._residual[i], self.found["residual_width"])
         return MoELayer(router=None, experts=experts, shared=shared)
 
-    def adapt_plan(self, plan) -> None:
-        """The pre-gate's tensors after everything else; its config; the code files."""
-        from upcycle.modeling import auto_map, code_files
+    def router_width(self, hidden: int) -> int:
+        return self.router_intermediate_size or 2 * hidden
 
-        cfg = plan.config
+    def router_shapes(self, cfg: dict) -> dict[str, tuple[int, ...]]:
+        """The pre-gate's tensors (relative to ROUTER_PREFIX) and their shapes, in write order."""
         hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or hidden // heads
         kv = cfg["num_key_value_heads"] * head_dim
-        width = self.router_intermediate_size or 2 * hidden
-        self.router_intermediate_size = width
-        dtype = plan.dtype
+        width = self.router_width(hidden)
         shapes = {"embed_tokens.weight": (cfg["vocab_size"], hidden)}
         for r in range(self.router_layers):
             p = f"layers.{r}."
@@ -414,17 +427,28 @@ class ReadmeMethod:
                 }
             )
         shapes.update({"norm.weight": (hidden,), "head.weight": (self.domains, hidden)})
-        self._router_shapes = shapes
-        plan.entries += [(ROUTER_PREFIX + rel, dtype, s) for rel, s in shapes.items()]
+        return shapes
+
+    def adapt_plan(self, plan):
+        """The pre-gate's tensors after everything else; its config; the code files."""
+        from upcycle.modeling import auto_map, code_files
+
+        cfg = dict(plan.config)
+        shapes = self.router_shapes(cfg)
+        entries = plan.entries + [(ROUTER_PREFIX + rel, plan.dtype, s) for rel, s in shapes.items()]
         window = cfg.get("sliding_window") and plan.reader.config.get("use_sliding_window", True)
         cfg.update(
             router_num_layers=self.router_layers,
-            router_intermediate_size=width,
+            router_intermediate_size=self.router_width(cfg["hidden_size"]),
             sliding_window=cfg.get("sliding_window") if window else None,
             auto_map=auto_map(self.target),
         )
-        plan.config = dict(sorted(cfg.items()))
-        plan.code_files = code_files(self.target)
+        return dataclasses.replace(
+            plan,
+            entries=entries,
+            config=dict(sorted(cfg.items())),
+            code_files=code_files(self.target),
+        )
 
     def extra_tensors(self, plan, ckpt) -> dict[str, np.ndarray]:
         """The pre-gate: the LM's embeddings, identity layers (zero output projections, small
@@ -432,7 +456,7 @@ class ReadmeMethod:
         rng = np.random.default_rng([self.seed, 7])
         dtype = plan.dtype
         out: dict[str, np.ndarray] = {}
-        for rel, shape in self._router_shapes.items():
+        for rel, shape in self.router_shapes(plan.config).items():
             if rel == "embed_tokens.weight":
                 out[ROUTER_PREFIX + rel] = ckpt.get(plan.family.embed, dtype)
                 continue
