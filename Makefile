@@ -42,6 +42,13 @@ lock: test-latest
 	  $(call FREEZE,$(LATEST)); } >constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
+# transformers 4.x beside .venv, for tests/test_transformers4.py (make test-slow builds it too)
+.PHONY: venv-tf4
+venv-tf4: .venv-tf4/.installed
+
+.venv-tf4/.installed: .ci/venv-tf4
+	bash .ci/venv-tf4 .venv-tf4
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -51,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/convert.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) build *.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-tf4 build *.egg-info

