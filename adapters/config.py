@@ -8,10 +8,33 @@ from peft.config import PeftConfig
 from upcycle.adapters.export import lora_scaling
 
 FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL_MODULES = ATTENTION_MODULES + FFN_MODULES
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj") + FFN_MODULES  # the default targets
+# Projections some families fuse into one linear (Phi-3), by the parts they hold. Naming a
+# part targets the fused linear where a model has it and not the part (`fused_targets`).
+FUSED_MODULES = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+ATTENTION_MODULES = ALL_MODULES[:4] + ("qkv_proj",)
+KNOWN_MODULES = ALL_MODULES + ("qkv_proj",)
+FUSED_GATE_UP = "gate_up_proj"
 VIEWS = ("copy", "granular")
 MODES = ("mixlora", "experts")
+
+
+def fused_targets(names: list[str], present: set[str]) -> list[str]:
+    """`names` (module names to adapt) with each part of a fused projection that `present`
+    (a model's module names) lacks replaced by the fused one it has: on Phi-3, q/k/v_proj ->
+    qkv_proj and gate/up_proj -> gate_up_proj. Order kept, duplicates dropped."""
+    out: list[str] = []
+    for name in names:
+        if name not in present:
+            name = next(
+                (f for f, parts in FUSED_MODULES.items() if name in parts and f in present), name
+            )
+        if name not in out:
+            out.append(name)
+    return out
 
 
 @dataclass
@@ -19,8 +42,9 @@ class MixLoraConfig(PeftConfig):
     """A top-k router and `num_experts` LoRA experts on each frozen FFN; plain LoRA on attention.
 
     Expert e computes the base FFN with LoRA deltas on the projections named in
-    `target_modules` (gate_proj/up_proj/down_proj); attention projections named there get one
-    plain LoRA each. Routing is Mixtral's: softmax over experts, top-k, renormalized, so the
+    `target_modules` (gate_proj/up_proj/down_proj; on Phi-3's fused gate_up_proj they are its
+    two halves, and `gate_up_proj` names both); attention projections named there get one
+    plain LoRA each (Phi-3's fused qkv_proj one, when any of q/k/v_proj or qkv_proj is named). Routing is Mixtral's: softmax over experts, top-k, renormalized, so the
     model folds exactly into a stock MoE checkpoint (`upcycle merge`).
 
     `mode="experts"` is for bases that are already MoE models (e.g. from `upcycle convert`):
@@ -71,16 +95,22 @@ class MixLoraConfig(PeftConfig):
             self.target_modules = list(ALL_MODULES)
         elif isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        if FUSED_GATE_UP in self.target_modules:  # both halves: the gate and up roles
+            parts = FUSED_MODULES[FUSED_GATE_UP]
+            self.target_modules = [m for m in self.target_modules if m != FUSED_GATE_UP] + list(
+                parts
+            )
         self.target_modules = [m for m in ALL_MODULES if m in set(self.target_modules)] + sorted(
             set(self.target_modules) - set(ALL_MODULES)
         )
         self.validate()
 
     def validate(self) -> None:
-        unknown = [m for m in self.target_modules if m not in ALL_MODULES]
+        unknown = [m for m in self.target_modules if m not in KNOWN_MODULES]
         if unknown:
             raise ValueError(
-                f"unknown target module {unknown[0]!r}; MixLoRA adapts {', '.join(ALL_MODULES)}"
+                f"unknown target module {unknown[0]!r}; MixLoRA adapts "
+                f"{', '.join(KNOWN_MODULES)} (and gate_up_proj: gate_proj and up_proj)"
             )
         if not any(m in FFN_MODULES for m in self.target_modules):
             raise ValueError(

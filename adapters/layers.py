@@ -7,6 +7,7 @@ tensors live in containers keyed by adapter name, so peft's generic save, load, 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,18 +15,46 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from upcycle.adapters.export import expert_view, lora_scaling
-from upcycle.kernels.reference import routed_lora_ffn
 
 from upcycle.nn.routing import balance_loss, top_k_routing, z_loss
 
 ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+FUSED_GATE_UP = "gate_up_proj"  # Phi-3's MLP: one (2I, H) linear, gate rows first, then up
+# where a gated MLP keeps its activation: act_fn (Llama, Qwen, Gemma), activation_fn (Phi-3)
+ACTIVATIONS = ("act_fn", "activation_fn")
 
 
-def is_gated_ffn(module: nn.Module) -> bool:
-    """A Llama/Mistral/Qwen-style MLP: gate_proj, up_proj, down_proj linears and an act_fn."""
-    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ROLES) and callable(
-        getattr(module, "act_fn", None)
+def ffn_activation(module: nn.Module):
+    """The element-wise activation of a gated MLP module (its gate's), or None."""
+    for name in ACTIVATIONS:
+        act = getattr(module, name, None)
+        if callable(act):
+            return act
+    return None
+
+
+def fuses_gate_up(module: nn.Module) -> bool:
+    """A Phi-3-style MLP: `gate_up_proj` (2I, H) and `down_proj` (H, I) linears."""
+    gu, down = getattr(module, FUSED_GATE_UP, None), getattr(module, "down_proj", None)
+    return (
+        isinstance(gu, nn.Linear)
+        and isinstance(down, nn.Linear)
+        and gu.out_features == 2 * down.in_features
+        and gu.in_features == down.out_features
     )
+
+
+def is_gated_ffn(module: nn.Module, fused_gate_up: bool = False) -> bool:
+    """A gated MLP with an activation: gate_proj, up_proj, down_proj linears (Llama, Mistral,
+    Qwen, Gemma) or, with `fused_gate_up`, Phi-3's gate_up_proj and down_proj."""
+    split = all(isinstance(getattr(module, n, None), nn.Linear) for n in ROLES)
+    fused = fused_gate_up and fuses_gate_up(module)
+    return (split or fused) and ffn_activation(module) is not None
+
+
+def _half(module: nn.Module, part: int, x: torch.Tensor) -> torch.Tensor:
+    """Part 0 (gate) or 1 (up) of a fused gate_up module's output."""
+    return module(x).chunk(2, dim=-1)[part]
 
 
 class LoraExperts(nn.Module):
@@ -57,18 +86,23 @@ class _TunerLayer(nn.Module, BaseTunerLayer):
 
 
 class MixLoraFFN(_TunerLayer):
-    """A frozen gated FFN turned into E routed LoRA experts (copy or granular expert views)."""
+    """A frozen gated FFN turned into E routed LoRA experts (copy or granular expert views).
+
+    The FFN is down(act(gate(x)) * up(x)) with the module's own activation (`ffn_activation`)
+    and gate/up either separate linears or the two halves of Phi-3's fused gate_up_proj; the
+    experts' LoRA pairs are per role (gate, up, down) in both layouts.
+    """
 
     adapter_layer_names = ("mixlora_router", "mixlora_experts")
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
-        for name in ROLES:
+        fused = not all(isinstance(getattr(base_layer, n, None), nn.Linear) for n in ROLES)
+        for name in (FUSED_GATE_UP, "down_proj") if fused else ROLES:
             if getattr(base_layer, name).bias is not None:
                 raise ValueError(f"MixLoRA needs bias-free FFN projections ({name} has a bias)")
         super().__init__(base_layer, adapter_name)
-        probe = torch.linspace(-6, 6, 97)
-        self.silu = bool(torch.allclose(base_layer.act_fn(probe), F.silu(probe)))
+        self.fused_gate_up = fused
         self.mixlora_router = nn.ModuleDict()
         self.mixlora_experts = nn.ModuleDict()
         self.mixlora_dropout = nn.ModuleDict()
@@ -81,11 +115,36 @@ class MixLoraFFN(_TunerLayer):
 
     @property
     def hidden_size(self) -> int:
-        return self.base_layer.gate_proj.in_features
+        return self.base_layer.down_proj.out_features
 
     @property
     def intermediate_size(self) -> int:
-        return self.base_layer.gate_proj.out_features
+        return self.base_layer.down_proj.in_features
+
+    @property
+    def act(self):
+        """The FFN's own activation (SiLU, Gemma's tanh GELU, ...)."""
+        return ffn_activation(self.base_layer)
+
+    def linears(self) -> tuple[nn.Module, ...]:
+        """The base FFN's linear modules: (gate_proj, up_proj, down_proj) or, fused,
+        (gate_up_proj, down_proj)."""
+        names = (FUSED_GATE_UP, "down_proj") if self.fused_gate_up else tuple(ROLES)
+        return tuple(getattr(self.base_layer, n) for n in names)
+
+    def projections(self) -> tuple:
+        """The frozen (gate, up, down) projections: weight tensors where the base has plain
+        linears (a fused gate_up weight's row halves, as views), else callables (quantized
+        linears; a fused one's output halves)."""
+        if all(type(m) is nn.Linear for m in self.linears()):
+            if not self.fused_gate_up:
+                return tuple(m.weight for m in self.linears())
+            gate_up, down = self.linears()
+            return (*gate_up.weight.chunk(2, dim=0), down.weight)
+        if not self.fused_gate_up:
+            return self.linears()
+        gate_up, down = self.linears()
+        return (functools.partial(_half, gate_up, 0), functools.partial(_half, gate_up, 1), down)
 
     def update_layer(self, adapter_name: str, config) -> None:
         H, inter = self.hidden_size, self.intermediate_size
@@ -136,43 +195,26 @@ class MixLoraFFN(_TunerLayer):
         return weights, ids, logits
 
     def uses_fused(self, adapter_name: str) -> bool:
-        """Whether `adapter_name` runs on the fused kernel: a SiLU FFN of plain linears, copy view."""
-        plain = all(type(getattr(self.base_layer, n)) is nn.Linear for n in ROLES)
-        return plain and self.silu and self.settings[adapter_name]["slices"] is None
+        """Whether `adapter_name` runs on the fused Functions (`upcycle.kernels.dispatch`
+        decides: plain linears, copy view; any activation)."""
+        from upcycle.kernels.dispatch import mixlora_fused
+
+        return mixlora_fused(self.projections(), self.settings[adapter_name]["slices"])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
+        from upcycle.kernels.dispatch import routed_lora_ffn
+
         name = self.active_adapters[0]
         s = self.settings[name]
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         weights, ids, _ = self.route(h, name)
-        base = self.base_layer
-        plain = all(type(getattr(base, n)) is nn.Linear for n in ROLES)
-        if self.uses_fused(name):
-            from upcycle.kernels.dispatch import routed_lora_swiglu
-
-            args = (
-                h,
-                base.gate_proj.weight,
-                base.up_proj.weight,
-                base.down_proj.weight,
-                weights,
-                ids,
-                s["num_experts"],
-                self.mixlora_experts[name].pairs(h.dtype),
-                s["scaling"],
-            )
-            common = dict(
-                dropout_p=s["dropout"] if self.training else 0.0, expert_scale=s["expert_scale"]
-            )
-            recompute = self.recompute_base and self.training and torch.is_grad_enabled()
-            return routed_lora_swiglu(*args, **common, recompute_base=recompute).reshape(shape)
-        y = routed_lora_ffn(
+        y = routed_lora_ffn(  # the implementation that runs: upcycle.kernels.dispatch's rule
             h,
-            *(getattr(base, n).weight if plain else getattr(base, n) for n in ROLES),
-            base.act_fn,
+            self.projections(),
+            self.act,
             weights,
             ids,
             s["num_experts"],
@@ -180,7 +222,8 @@ class MixLoraFFN(_TunerLayer):
             s["scaling"],
             slices=s["slices"],
             expert_scale=s["expert_scale"],
-            dropout=self.mixlora_dropout[name],
+            dropout_p=s["dropout"] if self.training else 0.0,
+            recompute_base=self.recompute_base and self.training and torch.is_grad_enabled(),
         )
         return y.reshape(shape)
 

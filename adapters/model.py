@@ -7,7 +7,7 @@ import re
 import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner
-from upcycle.adapters.config import ATTENTION_MODULES
+from upcycle.adapters.config import ATTENTION_MODULES, FUSED_MODULES
 from upcycle.adapters.layers import (
     ExpertsLora,
     LoraLinear,
@@ -133,12 +133,30 @@ def _check_base(model: nn.Module, config) -> None:
         )
 
 
+def _attention_names(config) -> set[str]:
+    """The attention linears' names the adapter targets: those named in target_modules, and a
+    fused projection (Phi-3's qkv_proj) where target_modules names any of its parts."""
+    names = {m for m in config.target_modules if m in ATTENTION_MODULES}
+    for fused, parts in FUSED_MODULES.items():
+        if fused in ATTENTION_MODULES and names & set(parts):
+            names.add(fused)
+    return names
+
+
+def _fused_gate_up(model: nn.Module) -> bool:
+    """Whether the model's record (upcycle.arch) says its FFN is one gate_up tensor with the
+    gate rows first (Phi-3): the row order is a convention the module itself does not show."""
+    ffn = record(getattr(getattr(model, "config", None), "model_type", None)).ffn
+    return ffn is not None and ffn.kind == "fused_glu"
+
+
 def _find_targets(model: nn.Module, config):
     """The modules the adapter replaces, by kind: (gated FFNs, attention linears, fused
     experts, routers). For experts-lora, also sets config.num_experts and config.top_k from
     the model."""
     layers = set(config.layers_to_transform) if config.layers_to_transform else None
-    attention = [m for m in config.target_modules if m in ATTENTION_MODULES]
+    attention = _attention_names(config)
+    fused_gate_up = _fused_gate_up(model)
     ffns, linears, experts, routers = [], [], [], []
     for name, module in model.named_modules():
         found = _LAYER_INDEX.search(name + ".")
@@ -149,7 +167,7 @@ def _find_targets(model: nn.Module, config):
             routers.append(_router_of(model, name, module))
         elif config.mode == "experts" and _is_attention_router(name, module):
             routers.append(name)  # bam's soft attention routers train with the FFN routers
-        elif config.mode == "mixlora" and is_gated_ffn(module):
+        elif config.mode == "mixlora" and is_gated_ffn(module, fused_gate_up):
             ffns.append(name)
         elif isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in attention:
             linears.append(name)
@@ -164,8 +182,8 @@ def _find_targets(model: nn.Module, config):
         config.top_k = int(getattr(model.config, "num_experts_per_tok", config.top_k))
     elif not ffns:
         raise ValueError(
-            "found no gated FFN (gate_proj, up_proj, down_proj) in the model to turn into "
-            "LoRA experts"
+            "found no gated FFN (gate_proj, up_proj, down_proj, or Phi-3's gate_up_proj and "
+            "down_proj) in the model to turn into LoRA experts"
         )
     return ffns, linears, experts, routers
 

@@ -25,7 +25,13 @@ experts with LoRA deltas (`--adapter experts-lora`, `routed_experts_lora` below)
   CUDA, other dtypes or ranks: the Triton kernels where they apply (SiLU, no dropout).
   Otherwise and on CPU: the sorted Function (SiLU) or the reference (autograd per expert).
 
-MixLoRA FFN (copy view, SiLU gate, plain linears; `routed_lora_swiglu` below):
+MixLoRA FFN (`routed_lora_ffn` below; the layer passes the FFN's own activation):
+  granular views, or base projections that are not plain weights (quantized linears): the
+  reference (`reference.routed_lora_ffn`, autograd), with the given activation.
+  Otherwise (copy view, plain weights; `routed_lora_swiglu` below), for any element-wise
+  activation: SiLU runs the Functions' own in-place code (`experts.is_silu`), any other
+  activation (Gemma's tanh GELU) the same Functions with `act` (`reference.act_and_slope`);
+  the figures below are SiLU's.
   CUDA, when `mixlora_dense.fits` (E*r <= I/8): the dense Function (`mixlora_dense`): cuBLAS
   products only, no sorting, no host syncs. `upcycle train` on a 1.1B llama (H200, bf16, seq
   1024, batch 8; bench/gpu_train.py, 2026-12-04): dense 30.5k tokens/s, 20.3 GB; the lean
@@ -35,8 +41,9 @@ MixLoRA FFN (copy view, SiLU gate, plain linears; `routed_lora_swiglu` below):
   segment, which is what the CPU figures in docs/benchmarks.md measure.
 
 `experts_forward` (what transformers calls for "upcycle", see `register`),
-`routed_experts_lora` and `routed_lora_swiglu` are the entry points that follow these rules;
-`experts`, `experts_lora` and `mixlora` name the choice without running it.
+`routed_experts_lora`, `routed_lora_ffn` and `routed_lora_swiglu` are the entry points that
+follow these rules; `experts`, `experts_lora`, `mixlora_fused` and `mixlora` name the choice
+without running it.
 
 Overrides for benchmarks and tests: UPCYCLE_EXPERTS=triton|grouped_mm|sorted and
 UPCYCLE_MIXLORA=dense|lean pick one implementation wherever it can run; UPCYCLE_TRITON=1 runs
@@ -45,6 +52,7 @@ the Triton kernels on any device wherever they apply (the CPU tests, under TRITO
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -119,8 +127,17 @@ def experts_lora(x: Tensor, lora: dict, *, silu: bool = False, dropout_p: float 
     return "sorted"
 
 
+def mixlora_fused(projections, slices) -> bool:
+    """Whether a MixLoRA FFN runs on the fused Functions (dense or lean, `mixlora`): the copy
+    view (`slices` None) over plain weight tensors; projections: the base gate, up and down
+    (weight tensors, or modules such as quantized linears). The activation does not matter."""
+    import torch
+
+    return slices is None and all(torch.is_tensor(w) for w in projections)
+
+
 def mixlora(x: Tensor, num_experts: int, r: int, intermediate: int) -> str:
-    """ "dense" or "lean" for a MixLoRA FFN (copy view, SiLU, plain linears)."""
+    """ "dense" or "lean" for a MixLoRA FFN on the fused Functions (`mixlora_fused`)."""
     from upcycle.kernels import mixlora_dense
 
     forced = _override("UPCYCLE_MIXLORA", ("dense", "lean"))
@@ -206,25 +223,66 @@ def routed_lora_swiglu(
     dropout_p: float = 0.0,
     expert_scale: float = 1.0,
     recompute_base: bool = False,
+    act=None,
 ) -> Tensor:
-    """`reference.routed_lora_ffn` for a SiLU-gated FFN of plain linears (copy view) on the
+    """`reference.routed_lora_ffn` for a gated FFN of plain weights (copy view) on the
     implementation `mixlora` picks: the dense Function, or the lean sorted one (its LoRA
     products on the Triton kernels where `triton_runs_on` says they run; `recompute_base`
-    applies to it only). lora: {role: (A (E, r, in), B (E, out, r))}, one rank for all."""
+    applies to it only). lora: {role: (A (E, r, in), B (E, out, r))}, one rank for all.
+    act: the gate's element-wise activation; None or SiLU run the Functions' SiLU code."""
+    from upcycle.kernels.experts import is_silu
+
+    act = None if act is None or is_silu(act) else act
     rank = next(iter(lora.values()))[0].shape[1]
     if mixlora(x, num_experts, rank, gate_w.shape[0]) == "dense":
         from upcycle.kernels.mixlora_dense import routed_lora_swiglu_dense
 
         return routed_lora_swiglu_dense(
             x, gate_w, up_w, down_w, weights, ids, num_experts, lora, scaling,
-            dropout_p=dropout_p, expert_scale=expert_scale,
+            dropout_p=dropout_p, expert_scale=expert_scale, act=act,
         )  # fmt: skip
     from upcycle.kernels.fused import routed_lora_swiglu as lean
 
     return lean(
         x, gate_w, up_w, down_w, weights, ids, num_experts, lora, scaling,
         dropout_p=dropout_p, expert_scale=expert_scale, recompute_base=recompute_base,
-        triton=triton_runs_on(x),
+        triton=triton_runs_on(x), act=act,
+    )  # fmt: skip
+
+
+def routed_lora_ffn(
+    x: Tensor,
+    projections: tuple,
+    act,
+    weights: Tensor,
+    ids: Tensor,
+    num_experts: int,
+    lora: dict,
+    scaling: float,
+    *,
+    slices: list[tuple[int, int]] | None = None,
+    expert_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    recompute_base: bool = False,
+) -> Tensor:
+    """A MixLoRA FFN, `reference.routed_lora_ffn`, on the implementation the rules pick: the
+    fused Functions where `mixlora_fused` says so (`routed_lora_swiglu`), else the reference.
+
+    projections: the base (gate, up, down), weight tensors or modules; act: the FFN's own
+    element-wise activation (SiLU, Gemma's tanh GELU, ...); dropout_p: LoRA-input dropout (0 in
+    eval mode); `recompute_base` applies to the lean Function only."""
+    from upcycle.kernels import reference
+
+    if mixlora_fused(projections, slices):
+        return routed_lora_swiglu(
+            x, *projections, weights, ids, num_experts, lora, scaling,
+            dropout_p=dropout_p, expert_scale=expert_scale, recompute_base=recompute_base,
+            act=act,
+        )  # fmt: skip
+    drop = functools.partial(reference.fast_dropout, p=dropout_p) if dropout_p else None
+    return reference.routed_lora_ffn(
+        x, *projections, act, weights, ids, num_experts, lora, scaling,
+        slices=slices, expert_scale=expert_scale, dropout=drop,
     )  # fmt: skip
 
 

@@ -1,7 +1,9 @@
-"""A memory-lean autograd Function for routed LoRA experts over one shared SwiGLU FFN.
+"""A memory-lean autograd Function for routed LoRA experts over one shared gated FFN.
 
-Same function as `reference.routed_lora_ffn` (copy view, SiLU gate), with a hand-written
-backward. Autograd on the reference keeps about six (tokens*k, I) tensors per layer for the
+Same function as `reference.routed_lora_ffn` (copy view), with a hand-written backward. The
+gate's activation is SiLU unless the caller passes another element-wise one (`act`: Gemma's
+tanh GELU, for example); SiLU runs in place from one sigmoid, any other activation and its
+slope come from `reference.act_and_slope`. Autograd on the reference keeps about six (tokens*k, I) tensors per layer for the
 backward pass; this Function keeps x, the base projections g and u (tokens, I), the positions
 of the dropped elements and the rank-r LoRA activations, and recomputes the (tokens*k, I)
 element-wise work in backward. With `recompute_base` it keeps x but not g and u, and reruns the
@@ -30,6 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from upcycle.kernels.reference import (
+    act_and_slope,
     dropped_positions,
     function_args,
     sort_by_expert,
@@ -138,17 +141,36 @@ def _base(x, gate_w, up_w, scratch: bool):
     return g, torch.mm(x, up_w.t(), out=buffer("u", T, inter, x))
 
 
+def _activate(gs: torch.Tensor, act, aux: torch.Tensor) -> torch.Tensor:
+    """gs <- act(gs) in place; aux <- sigmoid(gs) for SiLU (act None), else act'(gs)."""
+    if act is None:
+        torch.sigmoid(gs, out=aux)
+        return gs.mul_(aux)
+    a, slope = act_and_slope(act, gs)
+    aux.copy_(slope)
+    return gs.copy_(a)
+
+
+def _slope(act, aux: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """act' at the pre-activation from `_activate`'s aux and a = act(gs): for SiLU
+    sig + silu * (1 - sig), written into out; for another activation aux itself."""
+    if act is None:
+        return torch.addcmul(aux, a, aux, value=-1.0, out=out).add_(a)
+    return aux
+
+
 def _dropped(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
     """x with the dropped positions zeroed (a copy), or x itself without dropout."""
     return x if positions is None else zero_at(x.clone(), positions)
 
 
 class RoutedLoraSwiGLU(torch.autograd.Function):
-    """y = sum_k w_k * (down + LoRA_e)(silu((gate + LoRA_e) x) * (up + LoRA_e) x)."""
+    """y = sum_k w_k * (down + LoRA_e)(act((gate + LoRA_e) x) * (up + LoRA_e) x), act SiLU
+    when `act` is None."""
 
     @staticmethod
     def forward(
-        ctx, x, gate_w, up_w, down_w, weights, experts, num_experts, p, lean, triton, *lora
+        ctx, x, gate_w, up_w, down_w, weights, experts, num_experts, p, lean, triton, act, *lora
     ):
         # lora: A_gate, B_gate, A_up, B_up, A_down, B_down (B pre-scaled); None where absent
         A = dict(zip(ROLES, lora[0::2], strict=True))
@@ -171,7 +193,10 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
                 if A[role] is not None:
                     low[role] = _seg_mm(xd, segs, A[role], True).mul_(scale)
         hs = _gathered(g, tokens, low.get("gate"), B["gate"], segs, buffer("a", TK, inter, x))
-        F.silu(hs, inplace=True)
+        if act is None:
+            F.silu(hs, inplace=True)
+        else:
+            hs.copy_(act(hs))
         buf = _gathered(u, tokens, low.get("up"), B["up"], segs, buffer("b", TK, inter, x))
         hs.mul_(buf)
         mixed = buffer("t", T, inter, x).zero_()
@@ -194,7 +219,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             drop_h if drop_h is not None else none,
             *(low.get(r, torch.empty(0, dtype=x.dtype)) for r in ROLES),
         )  # fmt: skip
-        ctx.segs, ctx.scale = segs, scale
+        ctx.segs, ctx.scale, ctx.act = segs, scale, act
         ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
         return y
 
@@ -216,8 +241,8 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         # recompute the element-wise forward on sorted (token, slot) rows
         silu = _gathered(g, tokens, low["gate"], B["gate"], segs, buffer("a", TK, inter, x))
         us = _gathered(u, tokens, low["up"], B["up"], segs, buffer("b", TK, inter, x))
-        sig = torch.sigmoid(silu, out=buffer("c", TK, inter, x))
-        silu.mul_(sig)
+        sig = buffer("c", TK, inter, x)  # sigmoid(gs) for SiLU, else act'(gs)
+        _activate(silu, ctx.act, sig)  # silu: act(gs), whichever act
         work = torch.mul(silu, us, out=buffer("d", TK, inter, x))  # hs
         # base down projection, through the weighted mix
         d_mixed = torch.mm(dy, down_w, out=buffer("t", T, inter, x))
@@ -238,8 +263,8 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
             if drop_h is not None:
                 zero_at(d_hd, drop_h)
             d_hs += d_hd
-        # hs = silu(gs) * us; silu'(gs) = sig + silu * (1 - sig)
-        dsilu = torch.addcmul(sig, silu, sig, value=-1.0, out=work).add_(silu)
+        # hs = act(gs) * us; for SiLU act'(gs) = sig + silu * (1 - sig)
+        dsilu = _slope(ctx.act, sig, silu, out=work)
         d_us = silu.mul_(d_hs)
         d_gs = d_hs.mul_(us).mul_(dsilu)
         scatter = d_mixed.zero_().index_add_(0, tokens, d_gs)
@@ -266,7 +291,7 @@ class RoutedLoraSwiGLU(torch.autograd.Function):
         d_weights = torch.empty_like(d_ws)
         d_weights[order] = d_ws
         d_weights = d_weights.reshape(ctx.weights_shape).to(ctx.weights_dtype)
-        out = [dx, None, None, None, d_weights, None, None, None, None, None]
+        out = [dx, None, None, None, d_weights, None, None, None, None, None, None]
         for role in ROLES:
             out += [grads.get(f"A_{role}"), grads.get(f"B_{role}")]
         return tuple(out)
@@ -286,8 +311,10 @@ def routed_lora_swiglu(
     expert_scale: float = 1.0,
     recompute_base: bool = False,
     triton: bool = False,
+    act=None,
 ) -> torch.Tensor:
-    """`reference.routed_lora_ffn` for SiLU-gated FFNs (copy view), with the lean backward.
+    """`reference.routed_lora_ffn` for gated FFNs (copy view), with the lean backward; `act`
+    is the gate's element-wise activation, None for SiLU (its in-place code).
 
     `dropout_p` is applied to LoRA inputs when > 0 (callers pass 0 in eval mode). With
     `recompute_base`, the base gate/up projections are rerun in backward instead of kept.
@@ -296,5 +323,6 @@ def routed_lora_swiglu(
     args = function_args(lora, ROLES, scaling)
     w = weights * expert_scale if expert_scale != 1.0 else weights
     return RoutedLoraSwiGLU.apply(
-        x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, recompute_base, triton, *args
-    )
+        x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, recompute_base, triton,
+        act, *args,
+    )  # fmt: skip

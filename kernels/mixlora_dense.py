@@ -1,10 +1,13 @@
-"""MixLoRA's routed LoRA experts over one frozen SwiGLU FFN as dense products only (CUDA).
+"""MixLoRA's routed LoRA experts over one frozen gated FFN as dense products only (CUDA).
 
-The same function as `reference.routed_lora_ffn` (copy view, SiLU gate): every token t takes
-its top-k experts e_k = ids[t, k] with weights w[t, k], and
+The same function as `reference.routed_lora_ffn` (copy view): every token t takes its top-k
+experts e_k = ids[t, k] with weights w[t, k], and
 
     y[t] = Wd^T (sum_k w_k h_k) + s * sum_k w_k B_d[e_k] A_d[e_k] h_k
-    h_k  = silu(g + s * B_g[e_k] A_g[e_k] x) * (u + s * B_u[e_k] A_u[e_k] x),  g = Wg x, u = Wu x
+    h_k  = act(g + s * B_g[e_k] A_g[e_k] x) * (u + s * B_u[e_k] A_u[e_k] x),  g = Wg x, u = Wu x
+
+with act SiLU unless the caller passes another element-wise activation (`act`; its slope
+then comes from `reference.act_and_slope`).
 
 Nothing here sorts tokens by expert. The rank-r activations of all E experts come from one
 product with the stacked A factors, (T, H) @ (H, E*r); keeping only expert e_k's r columns
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from upcycle.kernels.reference import function_args
+from upcycle.kernels.reference import act_and_slope, function_args
 
 ROLES = ("gate", "up", "down")
 
@@ -74,6 +77,15 @@ def _masked(low: Tensor, onehot: Tensor) -> Tensor:
     return (low.view(T, E, -1) * onehot[:, :, None]).view(T, -1)
 
 
+def _act_parts(gk: Tensor, act) -> tuple[Tensor, Tensor]:
+    """(act(gk), act'(gk)); SiLU's (act None) from one sigmoid: sig + silu * (1 - sig)."""
+    if act is None:
+        sig = torch.sigmoid(gk)
+        silu = gk * sig
+        return silu, torch.addcmul(sig, silu, sig, value=-1.0).add_(silu)
+    return act_and_slope(act, gk)
+
+
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise dot products (T,), accumulated by a batched GEMM (fp32 inside)."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -81,7 +93,7 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 class DenseRoutedLoraSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_w, up_w, down_w, weights, ids, num_experts, p, *lora):
+    def forward(ctx, x, gate_w, up_w, down_w, weights, ids, num_experts, p, act, *lora):
         # lora: A_gate, Bs_gate, A_up, Bs_up, A_down, Bs_down (B already scaled); None if absent
         a = dict(zip(ROLES, map(_stack_a, lora[0::2]), strict=True))  # (E*r, in)
         b = dict(zip(ROLES, map(_stack_b, lora[1::2]), strict=True))  # (E*r, out)
@@ -100,7 +112,7 @@ class DenseRoutedLoraSwiGLU(torch.autograd.Function):
         mixed = torch.zeros_like(g)
         zd = []  # (T, E*r) rank-r down activations of each slot, masked to its expert
         for k in range(K):
-            hk = _slot_h(g, u, low, b, onehot[:, k])
+            hk = _slot_h(g, u, low, b, onehot[:, k], act)
             mixed.addcmul_(hk, w[:, k : k + 1])
             if a["down"] is not None:
                 hd = _drop(hk, keep_h[k] if keep_h is not None else None, scale)
@@ -118,7 +130,7 @@ class DenseRoutedLoraSwiGLU(torch.autograd.Function):
             keep_x if keep_x is not None else none.bool(),
             keep_h if keep_h is not None else none.bool(),
         )  # fmt: skip
-        ctx.scale, ctx.weights_dtype = scale, weights.dtype
+        ctx.scale, ctx.weights_dtype, ctx.act = scale, weights.dtype, act
         return y
 
     @staticmethod
@@ -154,8 +166,7 @@ class DenseRoutedLoraSwiGLU(torch.autograd.Function):
             zu = _masked(low["up"], mask) if low["up"] is not None else None
             gk = torch.addmm(g, zg, b["gate"]) if zg is not None else g
             uk = torch.addmm(u, zu, b["up"]) if zu is not None else u
-            sig = torch.sigmoid(gk)
-            silu = gk * sig
+            silu, slope = _act_parts(gk, ctx.act)  # act(gk) and act'(gk), whichever act
             hk = silu * uk
             dw[:, k] = _rowdot(d_mixed, hk)
             d_hk = d_mixed * w[:, k : k + 1]
@@ -166,8 +177,7 @@ class DenseRoutedLoraSwiGLU(torch.autograd.Function):
                 grads["A_down"].addmm_(d_zk.t(), _drop(hk, keep, scale))
                 d_hk += _drop(d_zk @ a["down"], keep, scale)
             d_uk = d_hk * silu
-            # d silu(g)/dg = sig + silu * (1 - sig)
-            d_gk = d_hk.mul_(uk).mul_(torch.addcmul(sig, silu, sig, value=-1.0).add_(silu))
+            d_gk = d_hk.mul_(uk).mul_(slope)
             dg += d_gk
             du += d_uk
             for r, zr, d_r in (("gate", zg, d_gk), ("up", zu, d_uk)):
@@ -183,7 +193,7 @@ class DenseRoutedLoraSwiGLU(torch.autograd.Function):
                 grads[f"A_{r}"] = d.t() @ xd  # (E*r, H)
                 d_xd = d @ a[r] if d_xd is None else d_xd.addmm_(d, a[r])
             dx += _drop(d_xd, keep_x, scale)
-        out = [dx, None, None, None, dw.to(ctx.weights_dtype), None, None, None]
+        out = [dx, None, None, None, dw.to(ctx.weights_dtype), None, None, None, None]
         for r in ROLES:
             da, db = grads.get(f"A_{r}"), grads.get(f"Bs_{r}")
             out.append(da.view_as(A[r]) if da is not None else None)
@@ -191,11 +201,12 @@ class DenseRoutedLoraSwiGLU(torch.autograd.Function):
         return tuple(out)
 
 
-def _slot_h(g: Tensor, u: Tensor, low: dict, b: dict, mask: Tensor) -> Tensor:
-    """h_k = silu(g + delta_gate) * (u + delta_up) for one slot; mask (T, E) one-hot."""
+def _slot_h(g: Tensor, u: Tensor, low: dict, b: dict, mask: Tensor, act) -> Tensor:
+    """h_k = act(g + delta_gate) * (u + delta_up) for one slot (act None: SiLU); mask (T, E)
+    one-hot."""
     gk = torch.addmm(g, _masked(low["gate"], mask), b["gate"]) if low["gate"] is not None else g
     uk = torch.addmm(u, _masked(low["up"], mask), b["up"]) if low["up"] is not None else u
-    return F.silu(gk) * uk
+    return (F.silu(gk) if act is None else act(gk)) * uk
 
 
 def routed_lora_swiglu_dense(
@@ -210,8 +221,10 @@ def routed_lora_swiglu_dense(
     scaling: float,
     dropout_p: float = 0.0,
     expert_scale: float = 1.0,
+    act=None,
 ) -> Tensor:
-    """`reference.routed_lora_ffn` for SiLU-gated FFNs (copy view) as dense products.
+    """`reference.routed_lora_ffn` for gated FFNs (copy view) as dense products; `act` is the
+    gate's element-wise activation, None for SiLU.
 
     `dropout_p` applies to LoRA inputs when > 0 (callers pass 0 in eval mode). LoRA factors
     are cast to x's dtype by the caller (`LoraExperts.pairs`).
@@ -219,5 +232,5 @@ def routed_lora_swiglu_dense(
     args = function_args(lora, ROLES, scaling)
     w = weights * expert_scale if expert_scale != 1.0 else weights
     return DenseRoutedLoraSwiGLU.apply(
-        x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, *args
+        x, gate_w, up_w, down_w, w, experts, num_experts, dropout_p, act, *args
     )

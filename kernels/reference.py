@@ -3,7 +3,8 @@
 The functions every implementation is checked against: `routed_lora_ffn` (MixLoRA: LoRA
 experts over one shared frozen FFN) and `routed_experts_lora` (separate frozen experts with
 per-expert LoRA deltas), with what the faster implementations share: `sort_by_expert`,
-`function_args` and the LoRA-input dropout (`fast_dropout`, `dropped_positions`, `zero_at`).
+`function_args`, `act_and_slope` (any element-wise activation and its slope) and the
+LoRA-input dropout (`fast_dropout`, `dropped_positions`, `zero_at`).
 Those implementations (`experts`, `fused`, `grouped`, `mixlora_dense`, the Triton ops) live in
 the sibling modules, and `upcycle.kernels.dispatch` picks which one runs; routing tokens to
 experts and the router losses are in `upcycle.nn.routing`.
@@ -55,6 +56,19 @@ def function_args(lora: dict[str, LoraPair], roles: tuple[str, ...], scaling: fl
         a, b = lora.get(role, (None, None))
         args += [a, b * scaling if b is not None else None]
     return args
+
+
+def act_and_slope(
+    act: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(z), act'(z)) for an element-wise activation, the slope by autograd on a detached
+    copy of z (no graph outlives the call). The fused MixLoRA Functions take any activation
+    this way; SiLU they compute from one sigmoid instead."""
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        a = act(leaf)
+        (slope,) = torch.autograd.grad(a, leaf, torch.ones_like(a))
+    return a.detach(), slope
 
 
 def _project(x: torch.Tensor, w) -> torch.Tensor:

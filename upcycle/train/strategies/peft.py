@@ -35,11 +35,20 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md"
 
 
 def attach_adapter(model, config):
-    """The peft model: `config` attached to `model` (one-line errors for mismatches)."""
+    """The peft model: `config` attached to `model` (one-line errors for mismatches).
+
+    A plain LoRA's target modules name the model's own linears; where the model fuses some
+    (Phi-3: qkv_proj, gate_up_proj), the parts' names (q/k/v_proj, gate/up_proj, as in the
+    default --target-modules) target the fused linear instead."""
     from peft import LoraConfig, get_peft_model
 
     if isinstance(config, LoraConfig):
+        from upcycle.adapters.config import fused_targets
+
         present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        targets = fused_targets(sorted(config.target_modules), present)
+        if set(targets) != set(config.target_modules):
+            config.target_modules = set(targets)
         unknown = [m for m in config.target_modules if m not in present]
         if unknown:
             raise OptionError(f"unknown target module {unknown[0]!r}: the model has none")
