@@ -31,10 +31,13 @@ def test_not_a_model_directory(cli, tmp_path):
 
 
 def test_unsupported_family(cli, tiny, tmp_path):
-    src = tiny("gemma2")
+    src = tiny("gpt_neox")  # a layer layout no record describes
     assert_one_line_error(
-        cli("convert", src, str(tmp_path / "o")), "unsupported family gemma2", "supported: llama"
+        cli("convert", src, str(tmp_path / "o")),
+        "unsupported family gpt_neox",
+        "supported: gemma2, gemma3_text, llama",
     )
+    assert not os.path.exists(tmp_path / "o")
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))

@@ -10,7 +10,7 @@ def test_inspect_dense_and_moe(cli, tiny, tmp_path):
     info = json.loads(r.out)
     assert info["family"] == "llama" and info["moe"] is False
     assert info["params_total"] == info["params_active"]
-    assert info["targets"] == ["mixtral (default)", "qwen2_moe"]
+    assert info["targets"] == ["mixtral (default)", "qwen2_moe", "upcycle_moe"]
     assert info["methods"] == ["bam", "btx", "copy", "granular", "readme"]
     out = str(tmp_path / "moe")
     assert cli("convert", src, out, "-E", "4", "-k", "1", "-q").code == 0
@@ -24,9 +24,9 @@ def test_inspect_dense_and_moe(cli, tiny, tmp_path):
 
 
 def test_inspect_unsupported_family_still_describes(cli, tiny, tmp_path):
-    src = tiny("gemma2")
+    src = tiny("gpt_neox")
     r = cli("inspect", src)
-    assert r.code == 0 and "gemma2" in r.out and "no stock transformers MoE class" in r.out
+    assert r.code == 0 and "gpt_neox" in r.out and "unsupported family gpt_neox" in r.out
 
 
 def test_dry_run_writes_nothing(cli, tiny, tmp_path):

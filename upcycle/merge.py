@@ -366,7 +366,7 @@ def merge_mixlora(
 
     family = family_of(ckpt)
     num_layers = ckpt.config["num_hidden_layers"]
-    ffn_module = family.ffn.gate.rsplit(".", 2)[0]  # "mlp.gate_proj.weight" -> "mlp"
+    ffn_module = family.ffn.down.rsplit(".", 2)[0]  # "mlp.down_proj.weight" -> "mlp"
     method = MixLoraMerge(adapter, family.layer_prefix, ffn_module, num_layers)
     opts = ConvertOptions(
         method="mixlora",

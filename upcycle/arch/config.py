@@ -116,3 +116,41 @@ def with_legacy_keys(cfg: dict) -> dict:
     if cfg.get("dtype") is not None:
         cfg.setdefault("torch_dtype", cfg["dtype"])
     return cfg
+
+
+# Keys of a source config.json that describe the file rather than the network.
+_NOT_CARRIED = ("architectures", "auto_map", "model_type", "transformers_version")
+
+
+def generic_config(
+    raw: dict,
+    target: MoETarget,
+    *,
+    num_experts: int,
+    top_k: int,
+    expert_width: int,
+    shared_width: int,
+    normalize_top_k: bool,
+    moe_layers: list[int],
+    router_aux_loss_coef: float,
+    dtype: str,
+) -> dict:
+    """The config of a `keeps_source` target (upcycle_moe): the source's config.json as it is
+    (its family's class fills in what it omits, as for the dense model), the family's name as
+    `base_model_type`, and the MoE keys."""
+    cfg = {k: v for k, v in raw.items() if k not in _NOT_CARRIED and k != "torch_dtype"}
+    cfg["base_model_type"] = raw["model_type"]
+    cfg[target.experts_keys[0]] = num_experts
+    cfg["num_experts_per_tok"] = top_k
+    cfg[target.expert_width_key] = expert_width
+    cfg[target.shared_width_key] = shared_width
+    cfg[target.normalizes_top_k] = normalize_top_k
+    cfg.update(
+        moe_layers=list(moe_layers),
+        router_aux_loss_coef=router_aux_loss_coef,
+        output_router_logits=False,
+        model_type=target.model_type,
+        architectures=[target.architecture],
+        dtype=dtype,
+    )
+    return dict(sorted(with_legacy_keys(cfg).items()))

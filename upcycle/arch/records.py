@@ -21,6 +21,13 @@ _GLU = FFNSpec(
     "glu", gate="mlp.gate_proj.weight", up="mlp.up_proj.weight", down="mlp.down_proj.weight"
 )
 _GLU_BIAS = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
+_GLU_GEMMA = FFNSpec(
+    "glu",
+    gate="mlp.gate_proj.weight",
+    up="mlp.up_proj.weight",
+    down="mlp.down_proj.weight",
+    act_key="hidden_activation",
+)
 _SANDWICH_NORMS = PRE_NORMS + (
     "pre_feedforward_layernorm.weight",
     "post_feedforward_layernorm.weight",
@@ -103,19 +110,17 @@ _DENSE = [
     ),
     Arch(
         "gemma2",
-        ffn=_GLU,
+        ffn=_GLU_GEMMA,
         attention=_QKVO,
         norms=_SANDWICH_NORMS,
-        why_no_target="no stock transformers MoE class has Gemma-2's sandwich norms, "
-        "scaled embeddings and logit soft-capping",
+        target="upcycle_moe",
     ),
     Arch(
         "gemma3_text",
-        ffn=_GLU,
+        ffn=_GLU_GEMMA,
         attention=_QKVO + _QK_NORM,
         norms=_SANDWICH_NORMS,
-        why_no_target="no stock transformers MoE class has Gemma-3's sandwich norms, "
-        "scaled embeddings and local/global attention pattern",
+        target="upcycle_moe",
     ),
     Arch(
         "phi3",
@@ -123,8 +128,7 @@ _DENSE = [
             "fused_glu", gate=None, up="mlp.gate_up_proj.weight", down="mlp.down_proj.weight"
         ),
         attention=("self_attn.qkv_proj.weight", "self_attn.o_proj.weight"),
-        why_no_target="transformers' PhiMoE differs from Phi-3 (LayerNorm with bias, "
-        "attention biases, sparse-mixer routing), so no stock MoE class reproduces it",
+        target="upcycle_moe",
     ),
 ]
 
@@ -203,6 +207,30 @@ _READ_ONLY = [
     ),
 ]
 
+# upcycle's generic architecture (upcycle/modeling/): the source family's own decoder with
+# only the FFN swapped for an MoE block. The default target of families no stock MoE class
+# reproduces, and a --target choice for every family.
+_GENERIC = [
+    _moe(
+        MoETarget(
+            "upcycle_moe",
+            "UpcycleMoeForCausalLM",
+            router="mlp.gate.weight",
+            expert="",
+            proj={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+            experts_keys=("num_experts",),
+            expert_width_key="moe_intermediate_size",
+            attention=(),
+            shared="mlp.shared_expert.{p}.weight",
+            shared_width_key="shared_expert_intermediate_size",
+            normalizes_top_k="norm_topk_prob",
+            fused=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+            keeps_source=True,
+            remote_code=True,
+        ),
+    ),
+]
+
 # Architectures of upcycle's own (upcycle/modeling/), written only by the methods that need
 # them: their names are not --target choices.
 _CUSTOM = [
@@ -244,7 +272,7 @@ _CUSTOM = [
 ]
 
 RECORDS: Mapping[str, Arch] = MappingProxyType(
-    {r.model_type: r for r in _DENSE + _STOCK + _READ_ONLY + _CUSTOM}
+    {r.model_type: r for r in _DENSE + _STOCK + _READ_ONLY + _GENERIC + _CUSTOM}
 )
 
 

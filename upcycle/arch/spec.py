@@ -76,6 +76,10 @@ class MoETarget:
     shared_width_key: str | None = None
     fixed: tuple[tuple[str, object], ...] = ()  # config values this target always gets
     fused: tuple[str, str] | None = None  # experts stored fused: gate_up (E, 2I, H), down (E, H, I)
+    # the source family's own layers with only the FFN swapped (upcycle_moe): the config keeps
+    # every source key, every source layer tensor is accepted, dense layers keep the source's FFN
+    keeps_source: bool = False
+    remote_code: bool = False  # written with its modeling code and auto_map (upcycle/modeling)
 
     def expert_name(self, e: int, role: str) -> str:
         if self.fused:

@@ -1,8 +1,9 @@
 """Views of the architecture records (`upcycle.arch.records`): the MoE architectures upcycle
 writes, by name.
 
-TARGETS: stock transformers architectures, the choices of ``--target`` (in that order).
-CUSTOM_TARGETS: upcycle's own (upcycle/modeling/), written only by the methods that need them.
+TARGETS: the choices of ``--target`` (in that order): stock transformers architectures, and
+    upcycle_moe, upcycle's generic one (the source family's decoder with an MoE FFN).
+CUSTOM_TARGETS: upcycle's own that only the methods needing them write (bam, readme).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from upcycle.arch.config import source_config, target_config
+from upcycle.arch.config import generic_config, source_config, target_config
 from upcycle.arch.families import FAMILIES, MOE_FAMILIES, DenseFamily, supported_families
 from upcycle.arch.shapes import expected_shapes
 from upcycle.arch.targets import CUSTOM_TARGETS, TARGETS, MoETarget
@@ -178,7 +178,7 @@ def check_inventory(ckpt: Checkpoint, family: DenseFamily, cfg: dict) -> list[li
     ffn = family.ffn
     for i in range(num_layers):
         prefix = family.layer_prefix.format(i=i)
-        if prefix + ffn.gate not in ckpt:
+        if ffn.gate and prefix + ffn.gate not in ckpt:  # (fused_glu: gate and up in one tensor)
             if prefix + ffn.up in ckpt:
                 raise UnsupportedError(
                     f"layer {i}'s FFN has no gate projection ({prefix + ffn.gate}); "
@@ -201,6 +201,8 @@ def check_target(
     ffn_rel = {family.ffn.gate, family.ffn.up, family.ffn.down}
     prefix = family.layer_prefix.format(i=0)
     present = {n[len(prefix) :] for n in layers[0]}
+    if target.keeps_source:  # the family's own layers: every tensor but the FFN has its place
+        accepted |= present - ffn_rel
     for rel in sorted(present - ffn_rel):
         if rel.startswith("mlp."):
             raise UnsupportedError(
@@ -218,7 +220,7 @@ def check_target(
                 f"{target.model_type} needs {rel}, which {family.model_type} lacks"
             )
     window = cfg.get("sliding_window") and cfg.get("use_sliding_window", True)
-    if window and target.model_type not in family.window_targets:
+    if window and not target.keeps_source and target.model_type not in family.window_targets:
         raise UnsupportedError(
             f"{family.model_type}'s sliding-window attention is not reproduced by {target.model_type}; "
             f"use --target {family.target}"
@@ -275,7 +277,8 @@ def check_source(reader: Checkpoint, opts: ConvertOptions, method: Method) -> So
     target = _target(opts, method, family)
     zero_fill = check_target(family, target, layers, cfg)
     moe_layers = parse_layers(opts.moe_layers, cfg["num_hidden_layers"])
-    if target.dense_mlp is None and len(moe_layers) != cfg["num_hidden_layers"]:
+    keeps_dense = target.dense_mlp or target.keeps_source
+    if not keeps_dense and len(moe_layers) != cfg["num_hidden_layers"]:
         raise OptionError(
             f"{target.model_type} makes every layer an MoE layer; --moe-layers needs a target that "
             "keeps dense layers (qwen2_moe, qwen3_moe)"
@@ -303,18 +306,7 @@ def plan_layout(src: Source, opts: ConvertOptions, method: Method) -> Plan:
         raise OptionError(
             f"{target.model_type} has no shared expert; --shared-experts needs --target qwen2_moe"
         )
-    config = target_config(
-        src.config,
-        target,
-        num_experts=layout.num_experts,
-        top_k=layout.top_k,
-        expert_width=layout.expert_width,
-        shared_width=layout.shared_width,
-        normalize_top_k=layout.needs_top_k_normalization,
-        moe_layers=src.moe_layers,
-        router_aux_loss_coef=opts.router_aux_loss_coef,
-        dtype=CONFIG_NAMES[dtype],
-    )
+    config, code = _config(src, target, layout, opts, dtype)
     entries = [(family.embed, dtype, reader.shape(family.embed))]
     ffn = (family.ffn.gate, family.ffn.up, family.ffn.down)
     for i in range(src.config["num_hidden_layers"]):
@@ -323,6 +315,9 @@ def plan_layout(src: Source, opts: ConvertOptions, method: Method) -> Plan:
         for rel in src.zero_fill:
             shapes[prefix + rel] = reader.shape(prefix + rel.replace(".bias", ".weight"))[:1]
         entries += [(name, dtype, shapes[name]) for name in sorted(shapes)]
+        if i not in src.moe_layers and target.keeps_source:  # the source's FFN, as it is
+            entries += [(prefix + r, dtype, reader.shape(prefix + r)) for r in ffn if r]
+            continue
         moe = i in src.moe_layers
         entries += [
             (n, dtype, s) for n, s in moe_shapes(target, prefix, layout, hidden, inter, moe)
@@ -347,9 +342,35 @@ def plan_layout(src: Source, opts: ConvertOptions, method: Method) -> Plan:
         source_params=reader.num_params(),
         method=method,
         reader=reader,
+        code_files=code,
         checked=src,
     )
     return method.adapt_plan(plan)
+
+
+def _config(
+    src: Source, target: MoETarget, layout: MoELayout, opts: ConvertOptions, dtype: str
+) -> tuple[dict, list[str]]:
+    """The target's config.json, and the modeling code files that go with it (remote_code)."""
+    make = generic_config if target.keeps_source else target_config
+    config = make(
+        src.reader.config if target.keeps_source else src.config,
+        target,
+        num_experts=layout.num_experts,
+        top_k=layout.top_k,
+        expert_width=layout.expert_width,
+        shared_width=layout.shared_width,
+        normalize_top_k=layout.needs_top_k_normalization,
+        moe_layers=src.moe_layers,
+        router_aux_loss_coef=opts.router_aux_loss_coef,
+        dtype=CONFIG_NAMES[dtype],
+    )
+    if not target.remote_code:
+        return config, []
+    from upcycle.modeling import auto_map, code_files
+
+    config = dict(sorted({**config, "auto_map": auto_map(target.model_type)}.items()))
+    return config, code_files(target.model_type)
 
 
 def plan_conversion(

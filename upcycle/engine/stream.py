@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from upcycle.arch.spec import FFNSpec
 from upcycle.engine.card import conversion_contents
 from upcycle.engine.outputs import human_bytes, human_count, write_model
 from upcycle.engine.plan import Plan, plan_conversion, replan
@@ -27,6 +28,23 @@ from upcycle.io.checkpoint import Checkpoint
 from upcycle.io.writer import check_output_dir, claims_output_dir
 from upcycle.methods.base import Method, MoELayer
 from upcycle.methods.options import ConvertOptions
+
+
+def read_ffn(ckpt: Checkpoint, ffn: FFNSpec, prefix: str, dtype: str) -> dict[str, np.ndarray]:
+    """One layer's dense FFN by role (gate, up, down); a fused gate_up tensor (phi3: gate rows
+    first, then up) is split."""
+    if ffn.kind == "fused_glu":
+        gate_up = ckpt.get(prefix + ffn.up, dtype)
+        half = gate_up.shape[0] // 2
+        return {
+            "gate": gate_up[:half],
+            "up": gate_up[half:],
+            "down": ckpt.get(prefix + ffn.down, dtype),
+        }
+    return {
+        role: ckpt.get(prefix + rel, dtype)
+        for role, rel in (("gate", ffn.gate), ("up", ffn.up), ("down", ffn.down))
+    }
 
 
 def layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, np.ndarray]:
@@ -41,7 +59,10 @@ def layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, np.ndarray]
         out[prefix + rel] = np.zeros(
             ckpt.shape(prefix + rel.replace(".bias", ".weight"))[:1], dtype=STORAGE[dtype]
         )
-    ffn = {role: ckpt.get(prefix + rel, dtype) for role, rel in roles.items()}
+    if i not in plan.moe_layers and tgt.keeps_source:  # the source's FFN, as it is
+        out.update({prefix + r: ckpt.get(prefix + r, dtype) for r in roles.values() if r})
+        return plan.method.finish_layer(i, prefix, out, dtype)
+    ffn = read_ffn(ckpt, fam.ffn, prefix, dtype)
     if i not in plan.moe_layers:
         for role, t in ffn.items():
             out[prefix + tgt.dense_mlp.format(p=tgt.proj[role])] = t

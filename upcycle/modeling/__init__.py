@@ -14,8 +14,10 @@ import os
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_upcycle_bam import UpcycleBamConfig
+from .configuration_upcycle_moe import UpcycleMoeConfig
 from .configuration_upcycle_readme import UpcycleReadmeConfig
 from .modeling_upcycle_bam import UpcycleBamForCausalLM
+from .modeling_upcycle_moe import UpcycleMoeForCausalLM
 from .modeling_upcycle_readme import UpcycleReadmeForCausalLM
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,11 +38,19 @@ ARCHITECTURES = {
             "AutoModelForCausalLM": "modeling_upcycle_readme.UpcycleReadmeForCausalLM",
         },
     ),
+    "upcycle_moe": (
+        ("configuration_upcycle_moe.py", "modeling_upcycle_moe.py"),
+        {
+            "AutoConfig": "configuration_upcycle_moe.UpcycleMoeConfig",
+            "AutoModelForCausalLM": "modeling_upcycle_moe.UpcycleMoeForCausalLM",
+        },
+    ),
 }
 
 for _config, _model in (
     (UpcycleBamConfig, UpcycleBamForCausalLM),
     (UpcycleReadmeConfig, UpcycleReadmeForCausalLM),
+    (UpcycleMoeConfig, UpcycleMoeForCausalLM),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModelForCausalLM.register(_config, _model, exist_ok=True)
@@ -59,6 +69,8 @@ __all__ = [
     "ARCHITECTURES",
     "UpcycleBamConfig",
     "UpcycleBamForCausalLM",
+    "UpcycleMoeConfig",
+    "UpcycleMoeForCausalLM",
     "UpcycleReadmeConfig",
     "UpcycleReadmeForCausalLM",
     "auto_map",
