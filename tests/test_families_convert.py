@@ -142,6 +142,7 @@ def test_dense_layers_keep_the_source_ffn(cli, family_model, tmp_path):
         names = set(f.keys())
     assert "model.layers.1.mlp.gate_up_proj.weight" in names
     assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    assert not any("shared_expert" in n for n in names)  # no shared expert: no empty tensors
     assert not any(n.startswith("model.layers.0.mlp.gate_up_proj") for n in names)
     ids = ids_past_window()
     logits, _ = dense_outputs(src, ids)

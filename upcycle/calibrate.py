@@ -246,12 +246,12 @@ def calibrate(
     ckpt = Checkpoint(model_dir)
     target = _check_options(ckpt, ridge, objective)
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     from upcycle.data import token_blocks
+    from upcycle.io.models import load_tokenizer
 
     start = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    tok = load_tokenizer(ckpt.path)
     model = load_for_calibration(ckpt.path)
     blocks = token_blocks(texts, tok, seq_len=seq_len, max_tokens=max_tokens)
     moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]

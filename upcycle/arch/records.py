@@ -223,6 +223,7 @@ _GENERIC = [
             attention=(),
             shared="mlp.shared_expert.{p}.weight",
             shared_width_key="shared_expert_intermediate_size",
+            shared_optional=True,
             normalizes_top_k="norm_topk_prob",
             fused=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
             keeps_source=True,

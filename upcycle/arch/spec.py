@@ -70,6 +70,7 @@ class MoETarget:
     shared: str | None = None  # shared-expert FFN (formatted with p)
     shared_gate: str | None = None  # None: the shared expert always has weight 1
     shared_gate_at_zero: float = 1.0  # the shared expert's gate value when its weights are zero
+    shared_optional: bool = False  # no shared-expert tensors when the width is 0 (else empty ones)
     carry: tuple[str, ...] = ()  # extra config fields copied from the source when present
     normalizes_top_k: str | None = None  # config key that switches top-k renormalization on
     dense_width_key: str | None = None  # config key of the dense layers' FFN width

@@ -435,7 +435,7 @@ def moe_shapes(
     else:
         for e in range(E):
             out += ffn(target.expert.replace("{e}", str(e)), width)
-    if target.shared:
+    if target.shared and (layout.shared_width or not target.shared_optional):
         out += ffn(target.shared, layout.shared_width)
         if target.shared_gate:
             out.append((prefix + target.shared_gate, (1, hidden)))

@@ -80,7 +80,7 @@ def layer_outputs(plan: Plan, ckpt: Checkpoint, i: int) -> dict[str, np.ndarray]
         for e, expert in enumerate(layer.experts):
             for role, t in expert.items():
                 out[prefix + tgt.expert_name(e, role)] = t
-    if tgt.shared:
+    if tgt.shared and (layer.shared or not tgt.shared_optional):
         hidden = ffn["down"].shape[0]
         empty = np.zeros((0, hidden), STORAGE[dtype])
         shared = layer.shared or {"gate": empty, "up": empty, "down": empty.T}

@@ -65,11 +65,11 @@ def collect_activations(
 ) -> dict[int, LayerActivations]:
     """Run the dense model on `texts` and keep each listed layer's FFN input and hidden activation."""
     import torch
-    from transformers import AutoTokenizer
 
     from upcycle.data import token_blocks
+    from upcycle.io.models import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     model = load_for_calibration(model_dir)
     blocks = token_blocks(texts, tok, seq_len=seq_len, max_tokens=max_tokens)
     if log:

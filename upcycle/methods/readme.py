@@ -246,9 +246,9 @@ class ReadmeMethod(Method):
         import sys
 
         import torch
-        from transformers import AutoTokenizer
 
         from upcycle.data import resolve_texts, token_blocks
+        from upcycle.io.models import load_tokenizer
         from upcycle.methods.calibration import load_for_calibration
 
         def say(msg):
@@ -256,7 +256,7 @@ class ReadmeMethod(Method):
 
         from transformers.utils import logging as hf_logging
 
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = load_tokenizer(source)
         hf_logging.disable_progress_bar()
         try:
             model = load_for_calibration(source)

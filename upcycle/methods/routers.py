@@ -45,11 +45,11 @@ def hidden_state_means(
     on the CPU (see load_for_calibration for the dtype); this loads the whole model once.
     """
     import torch
-    from transformers import AutoTokenizer
 
+    from upcycle.io.models import load_tokenizer
     from upcycle.methods.calibration import load_for_calibration
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     model = load_for_calibration(model_dir)
     hidden = model.config.hidden_size
     sums = {i: torch.zeros(len(prompt_sets), hidden, dtype=torch.float64) for i in layers}
