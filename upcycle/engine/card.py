@@ -32,6 +32,9 @@ def conversion_contents(plan) -> Contents:
     report = plan.method.report()
     if report:  # what a data-driven method found (readme)
         provenance["report"] = report
+    why = plan.method.inexact()
+    if why:
+        provenance["not_exact"] = why
     return Contents(
         config=plan.config,
         files_from=plan.source,
@@ -40,6 +43,13 @@ def conversion_contents(plan) -> Contents:
         provenance=provenance,
         card=_model_card(plan),
     )
+
+
+def _exactness(plan) -> str:
+    why = plan.method.inexact()
+    if why:
+        return f"Not the dense model's function, on purpose: {why}."
+    return f"When it equals the dense model before training: {plan.method.info.exact}."
 
 
 def _model_card(plan) -> str:
@@ -69,7 +79,7 @@ This Mixture-of-Experts checkpoint was made from the dense `{plan.family.model_t
 | dtype | {CONFIG_NAMES[plan.dtype]} |
 | seed | {opts.seed} |
 
-When it equals the dense model before training: {plan.method.info.exact}.
+{_exactness(plan)}
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -67,7 +67,7 @@ class Method:
        model; `--dry-run` stops before it. The engine then plans again if the layout changed.
     6. `layer(i, ffn, dtype)` for each MoE layer, then `finish_layer(i, prefix, tensors, dtype)`
        for every layer; `extra_tensors(plan, reader)` after the last one.
-    7. `write_files(folder)` and `report()` when the model folder is written.
+    7. `write_files(folder)`, `report()` and `inexact()` when the model folder is written.
     """
 
     info: ClassVar[MethodInfo]
@@ -115,4 +115,9 @@ class Method:
 
     def report(self) -> dict | None:
         """What the method found (recorded in upcycle.json), or None."""
+        return None
+
+    def inexact(self) -> str | None:
+        """Why these options make the output differ from the dense model on purpose (the
+        card says so), or None."""
         return None

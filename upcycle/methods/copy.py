@@ -26,7 +26,8 @@ INFO = MethodInfo(
     name="copy",
     paper="https://arxiv.org/abs/2212.05055",
     summary="each FFN copied into E identical experts (Sparse Upcycling, AquilaMoE scale-out)",
-    exact="exact for any router when top-k weights are renormalized and --expert-noise is 0",
+    exact="exact for any router when top-k weights are renormalized and --expert-noise and "
+    "--drop-ratio are 0",
 )
 EXPERT_NOISE = Option(
     "expert_noise",
@@ -34,6 +35,35 @@ EXPERT_NOISE = Option(
     "Relative Gaussian noise added to each expert copy (breaks exactness).",
     type=float,
 )
+DROP_RATIO = Option(
+    "drop_ratio",
+    0.0,
+    "copy: share of each expert's neurons re-initialised, a different random set per expert "
+    "(Drop-Upcycling; breaks exactness).",
+    type=float,
+)
+
+
+def drop_neurons(
+    ffn: dict[str, np.ndarray], ratio: float, dtype: str, seed: int, layer: int, expert: int
+) -> dict[str, np.ndarray]:
+    """Drop-Upcycling (Nakamura et al., ICLR 2025, https://arxiv.org/abs/2502.19261): a random
+    `ratio` of the intermediate neurons, drawn from (seed, layer, expert), re-initialised: their
+    gate and up rows and down columns from a normal with each source matrix's mean and std."""
+    inter = ffn["down"].shape[1]
+    rng = layer_rng(seed, layer, salt=200 + expert)
+    idx = np.sort(rng.choice(inter, size=int(round(ratio * inter)), replace=False))
+    out = {}
+    for role in ("gate", "up", "down"):
+        w = to_float32(ffn[role], dtype)
+        mean, std = float(w.mean(dtype=np.float64)), float(w.std(dtype=np.float64))
+        w = w.copy()
+        if role == "down":
+            w[:, idx] = rng.normal(mean, std, (w.shape[0], len(idx))).astype(np.float32)
+        else:
+            w[idx] = rng.normal(mean, std, (len(idx), w.shape[1])).astype(np.float32)
+        out[role] = cast(w, "F32", dtype)
+    return out
 
 
 def copy_experts(
@@ -68,7 +98,7 @@ class CopyMethod(Method):
     """Copy upcycling with a choice of router initialization."""
 
     info = INFO
-    options = (ROUTER_INIT, ROUTER_STD, EXPERT_NOISE, EXPERT_PROMPTS)
+    options = (ROUTER_INIT, ROUTER_STD, EXPERT_NOISE, EXPERT_PROMPTS, DROP_RATIO)
 
     def __init__(
         self,
@@ -80,6 +110,7 @@ class CopyMethod(Method):
         expert_noise: float = 0.0,
         seed: int = 0,
         expert_prompts: tuple[tuple[str, ...], ...] = (),
+        drop_ratio: float = 0.0,
     ):
         self.num_experts = num_experts
         self.top_k = top_k
@@ -88,6 +119,7 @@ class CopyMethod(Method):
         self.expert_noise = expert_noise
         self.seed = seed
         self.expert_prompts = expert_prompts
+        self.drop_ratio = drop_ratio
         self._hidden: dict[int, np.ndarray] = {}
 
     @classmethod
@@ -114,6 +146,8 @@ class CopyMethod(Method):
             )
         if self.router_std < 0 or self.expert_noise < 0:
             raise OptionError("--router-std and --expert-noise must not be negative")
+        if not 0 <= self.drop_ratio <= 1:
+            raise OptionError(f"--drop-ratio must be in [0, 1], got {self.drop_ratio}")
         if self.router_init == "hidden":
             if len(self.expert_prompts) != self.num_experts:
                 raise OptionError(
@@ -129,7 +163,18 @@ class CopyMethod(Method):
         init = self.router_init + (
             f" (std {self.router_std})" if self.router_init == "random" else ""
         )
-        return f"router init {init}, expert noise {self.expert_noise}"
+        drop = f", drop ratio {self.drop_ratio:g}" if self.drop_ratio else ""
+        return f"router init {init}, expert noise {self.expert_noise}{drop}"
+
+    def inexact(self) -> str | None:
+        if self.drop_ratio:
+            return (
+                f"{self.drop_ratio:g} of each expert's neurons were re-initialised "
+                "(Drop-Upcycling): the experts differ from the dense FFN and from each other"
+            )
+        if self.expert_noise:
+            return f"each expert copy carries relative noise {self.expert_noise:g}"
+        return None
 
     def layout(self, hidden: int, intermediate: int) -> MoELayout:
         return MoELayout(self.num_experts, self.top_k, expert_width=intermediate)
@@ -154,4 +199,9 @@ class CopyMethod(Method):
     def layer(self, i: int, ffn: dict[str, np.ndarray], dtype: str) -> MoELayer:
         router = self.router(i, ffn["down"].shape[0])
         experts = copy_experts(ffn, self.num_experts, dtype, self.expert_noise, self.seed, i)
+        if self.drop_ratio:
+            experts = [
+                drop_neurons(x, self.drop_ratio, dtype, self.seed, i, e)
+                for e, x in enumerate(experts)
+            ]
         return MoELayer(router=router, experts=experts)
