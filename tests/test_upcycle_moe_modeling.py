@@ -2,15 +2,19 @@
 
 Folders are written by hand here, from tiny dense checkpoints, in the layout the converter
 writes (the family's own tensor names; MoE layers' `mlp.gate.weight`, fused
-`mlp.experts.gate_up_proj`/`down_proj`, optional `mlp.shared_expert.*`), and loaded with
-`trust_remote_code=True` in a process where `import upcycle` fails. Two function-preserving
-layouts per family:
+`mlp.experts.gate_up_proj`/`down_proj`, optional `mlp.shared_expert.*`) or in the optional ones
+(`fused_experts: false`, `shared_expert_gate: true`), and loaded with `trust_remote_code=True`
+in a process where `import upcycle` fails. Four function-preserving layouts per family:
 
 - copy: every layer MoE, 4 identical experts, top-2, random router, renormalised weights;
 - shared: layer 0 only (layer 1 keeps the family's MLP), a shared expert with half the neurons
-  and 4 routed experts of an eighth each (down rows times 4), zero router, top-4 of 4.
+  and 4 routed experts of an eighth each (down rows times 4), zero router, top-4 of 4;
+- per_expert: copy, the experts stored one module each (`mlp.experts.{e}.{gate,up,down}_proj`);
+- gated: shared, plus a zero `mlp.shared_expert_gate.weight` (sigmoid 0.5) and the shared
+  expert's down projection doubled.
 
-Both must give the dense model's logits (fp32, 1e-5) past the sliding window, and its greedy
+copy and shared write no key of the optional layouts (folders written before them). All four
+must give the dense model's logits (fp32, 1e-5) past the sliding window, and its greedy
 generation with the KV cache.
 """
 
@@ -49,7 +53,10 @@ FAMILY_OVERRIDES = {
     "phi3": dict(tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
-VARIANTS = ("copy", "shared")
+VARIANTS = ("copy", "shared", "per_expert", "gated")
+# The layout each variant's weights come from, and its key of the optional layouts.
+BASE_VARIANT = {"copy": "copy", "shared": "shared", "per_expert": "copy", "gated": "shared"}
+LAYOUT_KEYS = {"per_expert": dict(fused_experts=False), "gated": dict(shared_expert_gate=True)}
 WINDOWED = ("mistral", "gemma2", "gemma3_text")  # sliding_window=8 in their tiny configs
 NEW_TOKENS = 20
 
@@ -87,6 +94,8 @@ for job in jobs:
     meta = {"module": type(model).__module__, "cls": type(model).__name__,
             "tied": model.lm_head.weight is model.model.embed_tokens.weight,
             "experts": model.config._experts_implementation,
+            "experts_cls": type(model.model.layers[0].mlp.experts).__name__,
+            "layout": [model.config.fused_experts, model.config.shared_expert_gate],
             "keys": sorted(model.state_dict())}
     json.dump(meta, open(job["result"] + ".json", "w"))
 assert "upcycle" not in sys.modules
@@ -103,8 +112,33 @@ def dense_ffn(tensors: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor, to
     return gate, up, tensors[p + "down_proj.weight"]
 
 
+def per_expert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with every fused `experts.gate_up_proj`/`experts.down_proj` split per expert."""
+    out = {}
+    for name, t in tensors.items():
+        prefix, _, role = name.rpartition("experts.")
+        if role == "gate_up_proj":  # (E, 2I, H), gate rows first
+            for e, w in enumerate(t):
+                gate, up = w.chunk(2)
+                out[f"{prefix}experts.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}experts.{e}.up_proj.weight"] = up.contiguous()
+        elif role == "down_proj":  # (E, H, I)
+            for e, w in enumerate(t):
+                out[f"{prefix}experts.{e}.down_proj.weight"] = w.contiguous()
+        else:
+            out[name] = t
+    return out
+
+
 def moe_tensors(gate, up, down, variant: str, seed: int) -> dict[str, torch.Tensor]:
     """One MoE layer's tensors (names relative to `mlp.`) that compute the dense FFN."""
+    if variant == "per_expert":
+        return per_expert(moe_tensors(gate, up, down, "copy", seed))
+    if variant == "gated":  # sigmoid(0) = 0.5 halves the doubled down projection, exactly
+        tensors = moe_tensors(gate, up, down, "shared", seed)
+        tensors["shared_expert.down_proj.weight"] = 2 * tensors["shared_expert.down_proj.weight"]
+        tensors["shared_expert_gate.weight"] = torch.zeros(1, gate.shape[1])
+        return tensors
     experts = 4
     if variant == "copy":  # identical experts: any routing gives the dense FFN
         router = torch.randn(experts, gate.shape[1], generator=torch.Generator().manual_seed(seed))
@@ -129,10 +163,11 @@ def moe_tensors(gate, up, down, variant: str, seed: int) -> dict[str, torch.Tens
 def moe_keys(variant: str, config: dict) -> dict:
     """The MoE keys of config.json for a layout of `config`'s dense model."""
     width = config["intermediate_size"]
-    if variant == "copy":
-        shape = dict(num_experts_per_tok=2, moe_intermediate_size=width)
+    layout = LAYOUT_KEYS.get(variant, {})
+    if BASE_VARIANT[variant] == "copy":
+        shape = dict(layout, num_experts_per_tok=2, moe_intermediate_size=width)
         return dict(shape, shared_expert_intermediate_size=0, moe_layers=[0, 1])
-    shape = dict(num_experts_per_tok=4, moe_intermediate_size=width // 8)
+    shape = dict(layout, num_experts_per_tok=4, moe_intermediate_size=width // 8)
     return dict(shape, shared_expert_intermediate_size=width // 2, moe_layers=[0])
 
 
@@ -224,6 +259,9 @@ def test_loads_without_upcycle_and_computes_the_dense_model(folders, family, var
     assert case["meta"]["cls"] == "UpcycleMoeForCausalLM"
     assert case["meta"]["module"].startswith("transformers_modules"), case["meta"]["module"]
     assert case["meta"]["experts"] == "grouped_mm"  # the folder's experts take the interface
+    fused = variant != "per_expert"
+    assert case["meta"]["experts_cls"] == ("UpcycleMoeExperts" if fused else "UpcycleMoeExpertList")
+    assert case["meta"]["layout"] == [fused, variant == "gated"]
     ids = sample_ids()
     logits, gen = dense_outputs(case["dense"], ids)
     got = load_file(case["result"])
@@ -249,12 +287,25 @@ def test_parameter_names_are_the_contract(folders, family, variant):
     written = set(case["tensors"])
     loaded = set(case["meta"]["keys"])
     assert loaded - written <= {"lm_head.weight"} and written <= loaded
-    if variant == "shared":  # layer 1 keeps the family's MLP under its own names
+    if BASE_VARIANT[variant] == "shared":  # layer 1 keeps the family's MLP, its own names
         assert any(k.startswith("model.layers.1.mlp.") for k in written)
         assert not any(".experts." in k or ".gate.weight" in k for k in written if ".1.mlp." in k)
+    expert_keys = {k.split("mlp.experts.")[1] for k in written if "mlp.experts." in k}
+    if variant == "per_expert":  # 4 experts in each of the 2 layers, 3 projections each
+        want = {f"{e}.{p}_proj.weight" for e in range(4) for p in ("gate", "up", "down")}
+        assert expert_keys == want and len([k for k in written if "mlp.experts." in k]) == 24
+    else:
+        assert expert_keys == {"gate_up_proj", "down_proj"}
+    gates = {k for k in written if "shared_expert_gate" in k}
+    assert gates == (
+        {"model.layers.0.mlp.shared_expert_gate.weight"} if variant == "gated" else set()
+    )
 
 
-@pytest.mark.parametrize("family,variant", [("gemma3_text", "copy"), ("phi3", "shared")])
+@pytest.mark.parametrize(
+    "family,variant",
+    [("gemma3_text", "copy"), ("phi3", "shared"), ("gemma3_text", "per_expert"), ("phi3", "gated")],
+)
 def test_save_pretrained_round_trip_keeps_names_and_code(folders, family, variant):
     case = folders[family, variant]
     out = case["resaved"]
@@ -263,6 +314,8 @@ def test_save_pretrained_round_trip_keeps_names_and_code(folders, family, varian
         assert set(f.keys()) == set(case["tensors"])
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model_type"] == "upcycle_moe" and config["base_model_type"] == family
+    assert config["fused_experts"] == (variant != "per_expert")
+    assert config["shared_expert_gate"] == (variant == "gated")
     got = load_file(case["result"])
     assert torch.equal(got["resaved_logits"], got["logits"])
 
@@ -306,8 +359,59 @@ def test_settings_of_this_models_config_reach_the_family(folders):
     assert out.cache is None and len(out.hidden_states) == 3
 
 
-def test_experts_implementations_agree():
-    """The eager loop here, and transformers' grouped_mm and batched_mm, on random experts."""
+def outputs_with_aux_loss(model, ids):
+    """logits, router logits, aux loss and loss (LM + aux) of `model` on `ids`."""
+    with torch.no_grad():
+        out = model(ids, labels=ids, output_router_logits=True)
+    return out.logits, torch.stack(out.router_logits), out.aux_loss, out.loss
+
+
+def test_folders_without_the_layout_keys_load_as_before(folders):
+    """copy and shared folders do not name fused_experts or shared_expert_gate: fused experts,
+    no gate (the converter's layout)."""
+    for family in FAMILIES:
+        for variant in ("copy", "shared"):
+            written = json.load(
+                open(os.path.join(folders[family, variant]["folder"], "config.json"))
+            )
+            assert "fused_experts" not in written and "shared_expert_gate" not in written
+            assert folders[family, variant]["meta"]["layout"] == [True, False]
+    config = in_process_model(folders, "llama", "shared").config
+    assert config.fused_experts is True and config.shared_expert_gate is False
+    assert "fused_experts" not in config.base_config().to_dict()
+
+
+def test_fused_and_per_expert_folders_agree(folders):
+    """The copy and per_expert folders hold the same weights: the eager fused experts and the
+    per-expert modules give identical logits, router logits and aux loss."""
+    ids = sample_ids()
+    fused = in_process_model(folders, "gemma2", "copy", experts_implementation="eager").eval()
+    apart = in_process_model(folders, "gemma2", "per_expert").eval()
+    assert type(apart.model.layers[1].mlp.experts).__name__ == "UpcycleMoeExpertList"
+    want, got = outputs_with_aux_loss(fused, ids), outputs_with_aux_loss(apart, ids)
+    for name, a, b in zip(("logits", "router logits", "aux loss", "loss"), want, got, strict=True):
+        assert torch.equal(a, b), name
+    fused.set_experts_implementation("grouped_mm")
+    grouped = outputs_with_aux_loss(fused, ids)
+    delta = (grouped[0] - got[0]).abs().max().item()
+    print(f"per-expert vs grouped_mm: max |dlogit| {delta:.2e}")
+    assert delta <= 1e-5
+    for a, b in zip(grouped[1:], got[1:], strict=True):  # router logits of layer 1 on, aux loss
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gated_folder_gives_the_shared_folders_logits_bit_for_bit(folders, family):
+    """sigmoid(0) = 0.5 times the doubled shared down projection is the shared expert exactly."""
+    gated = load_file(folders[family, "gated"]["result"])
+    shared = load_file(folders[family, "shared"]["result"])
+    assert torch.equal(gated["logits"], shared["logits"]) and torch.equal(
+        gated["gen"], shared["gen"]
+    )
+
+
+def random_moe(seed: int, **layout):
+    """A tiny random qwen3 upcycle_moe model with a shared expert, in the layout asked for."""
     from transformers import AutoModelForCausalLM
 
     import upcycle.modeling
@@ -316,10 +420,49 @@ def test_experts_implementations_agree():
         base_model_type="qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
         num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=16, norm_topk_prob=False,
+        shared_expert_intermediate_size=16, norm_topk_prob=False, **layout,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_fused_and_per_expert_layouts_agree_on_random_weights():
+    """Random experts, router and shared-expert gate: the fused model's weights split per
+    expert give the per-expert model identical outputs (eager), and within 1e-5 of the fused
+    grouped_mm and batched_mm."""
+    fused = random_moe(0, shared_expert_gate=True)
+    apart = random_moe(1, shared_expert_gate=True, fused_experts=False)
+    block = apart.model.layers[0].mlp
+    for weight in (block.experts[5].down_proj.weight, block.shared_expert_gate.weight):
+        assert weight.abs().max() > 0 and weight.std() < 0.1  # initialised like the Linears
+    apart.load_state_dict(per_expert(fused.state_dict()), strict=True)
+    ids = sample_ids()
+    got = outputs_with_aux_loss(apart, ids)
+    assert got[2] > 0
+    for name in ("eager", "grouped_mm", "batched_mm"):
+        fused.set_experts_implementation(name)
+        want = outputs_with_aux_loss(fused, ids)
+        if name == "eager":
+            assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_shared_expert_gate_scales_the_shared_expert():
+    """out = routed experts + sigmoid(shared_expert_gate(x)) * shared_expert(x), as Qwen2-MoE."""
+    block = random_moe(2, shared_expert_gate=True, fused_experts=False).model.layers[0].mlp
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        weights, index = block.route(x)
+        routed = block.experts(x, index, weights)
+        gate = torch.sigmoid(x @ block.shared_expert_gate.weight.T)
+        assert gate.shape == (5, 1) and gate.std() > 0
+        torch.testing.assert_close(block(x), routed + gate * block.shared_expert(x))
+
+
+def test_experts_implementations_agree():
+    """The eager loop here, and transformers' grouped_mm and batched_mm, on random experts."""
+    model = random_moe(0)
     experts = model.model.layers[0].mlp.experts
     assert experts.gate_up_proj.abs().max() > 0 and experts.gate_up_proj.std() < 0.1
     ids = sample_ids()
@@ -402,6 +545,7 @@ def test_config_holds_the_familys_keys(folders):
         (dict(num_experts=2, num_experts_per_tok=3), "num_experts_per_tok"),
         (dict(moe_layers=[0, 5]), "moe_layers"),
         (dict(base_model_type="upcycle_moe"), "dense family"),
+        (dict(shared_expert_gate=True), "shared_expert_gate needs a shared expert"),
     ],
 )
 def test_bad_moe_keys_are_refused(overrides, message):

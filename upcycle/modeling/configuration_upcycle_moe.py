@@ -25,6 +25,8 @@ MOE_KEYS = (
     "num_experts_per_tok",
     "moe_intermediate_size",
     "shared_expert_intermediate_size",
+    "shared_expert_gate",
+    "fused_experts",
     "norm_topk_prob",
     "moe_layers",
     "router_aux_loss_coef",
@@ -60,7 +62,14 @@ class UpcycleMoeConfig(PreTrainedConfig):
     num_experts_per_tok: experts each token uses (k).
     moe_intermediate_size: each routed expert's width (I); None: the family's intermediate_size.
     shared_expert_intermediate_size: width of an always-on shared expert, added to the routed
-        output with weight 1 (0: none).
+        output (0: none).
+    shared_expert_gate: scale the shared expert's output by sigmoid(shared_expert_gate(x)), a
+        Linear(hidden_size, 1) per MoE layer, as Qwen2-MoE does (False: weight 1). Needs a
+        shared expert.
+    fused_experts: hold the routed experts in two fused tensors per layer,
+        `experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I), run through
+        transformers' experts implementations; False: one module per expert,
+        `experts.{e}.{gate,up,down}_proj.weight`, run by a loop over the active experts.
     norm_topk_prob: renormalise the top-k softmax weights to sum to 1.
     moe_layers: indices of the layers whose FFN is an MoE block (None: every layer); the other
         layers keep the family's own MLP.
@@ -79,6 +88,8 @@ class UpcycleMoeConfig(PreTrainedConfig):
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None
     shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    fused_experts: bool = True
     norm_topk_prob: bool = True
     moe_layers: list[int] | None = None
     router_aux_loss_coef: float = 0.001
@@ -113,6 +124,10 @@ class UpcycleMoeConfig(PreTrainedConfig):
         if self.moe_intermediate_size < 1 or self.shared_expert_intermediate_size < 0:
             raise ValueError(
                 "moe_intermediate_size must be positive, the shared width not negative"
+            )
+        if self.shared_expert_gate and self.shared_expert_intermediate_size == 0:
+            raise ValueError(
+                "shared_expert_gate needs a shared expert (shared_expert_intermediate_size > 0)"
             )
         layers = self.moe_layers
         if len(set(layers)) != len(layers) or any(

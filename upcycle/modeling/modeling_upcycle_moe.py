@@ -9,13 +9,16 @@ is replaced, by an `UpcycleMoeBlock`:
 
     logits = gate(x);  p = softmax(logits) in fp32;  (w, e) = top-k(p)
     w = w / sum(w)                                   (when norm_topk_prob)
-    out = sum_k w_k * down_e(act(gate_e x) * up_e x)  (+ shared_expert(x), weight 1)
+    out = sum_k w_k * down_e(act(gate_e x) * up_e x)  + g(x) * shared_expert(x)
+    g(x) = sigmoid(shared_expert_gate(x))            (when config.shared_expert_gate, else 1)
 
-Experts are stored fused, as transformers 5 holds them: `experts.gate_up_proj` (E, 2I, H), gate
-rows first, and `experts.down_proj` (E, H, I). The experts module is decorated with
-transformers' `use_experts_implementation`, so `experts_implementation` ("eager",
-"grouped_mm", "batched_mm", ...) selects how they run; "eager" is the loop over active experts
-below. With identical experts and `norm_topk_prob` a layer equals the dense FFN.
+By default (`fused_experts`) the experts are stored fused, as transformers 5 holds them:
+`experts.gate_up_proj` (E, 2I, H), gate rows first, and `experts.down_proj` (E, H, I). That
+experts module is decorated with transformers' `use_experts_implementation`, so
+`experts_implementation` ("eager", "grouped_mm", "batched_mm", ...) selects how they run;
+"eager" is the loop over active experts below. With `fused_experts=False` the experts are one
+gated FFN module each, `experts.{e}.{gate,up,down}_proj.weight`, run by the same loop. With
+identical experts and `norm_topk_prob` a layer equals the dense FFN.
 
 The forward pass is the family's `ForCausalLM.forward` (final logit soft-capping, logits_to_keep,
 loss), run on this model, plus the router logits and the load-balancing loss when
@@ -59,6 +62,28 @@ _ATTENTION_FLAGS = (
 )
 
 
+def weighted_expert_sum(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    expert_fn,
+) -> torch.Tensor:
+    """sum_k w_k * expert_fn(e_k, x) per token, looping over the experts some token chose.
+
+    hidden_states (N, H); top_k_index, top_k_weights (N, k); expert_fn(e, x (n, H)) -> (n, H).
+    """
+    out = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        counts = torch.bincount(top_k_index.flatten(), minlength=num_experts)
+        active = counts.nonzero().flatten().tolist()
+    for expert in active:
+        token, slot = torch.where(top_k_index == expert)
+        y = expert_fn(expert, hidden_states[token])
+        out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+    return out
+
+
 @use_experts_implementation
 class UpcycleMoeExperts(nn.Module):
     """E gated FFN experts in two fused tensors: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
@@ -76,6 +101,11 @@ class UpcycleMoeExperts(nn.Module):
         )
         self.act_fn = ACT2FN[config.expert_activation()]
 
+    def expert(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Expert `index` on hidden_states (n, H) -> (n, H)."""
+        gate, up = nn.functional.linear(hidden_states, self.gate_up_proj[index]).chunk(2, dim=-1)
+        return nn.functional.linear(self.act_fn(gate) * up, self.down_proj[index])
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -83,25 +113,17 @@ class UpcycleMoeExperts(nn.Module):
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
         """hidden_states (N, H); top_k_index, top_k_weights (N, k) -> weighted expert sum (N, H)."""
-        out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)
-            active = counts.nonzero().flatten().tolist()
-        for expert in active:
-            token, slot = torch.where(top_k_index == expert)
-            gate_up = nn.functional.linear(hidden_states[token], self.gate_up_proj[expert])
-            gate, up = gate_up.chunk(2, dim=-1)
-            y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
-            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
-        return out
+        return weighted_expert_sum(
+            hidden_states, top_k_index, top_k_weights, self.num_experts, self.expert
+        )
 
 
-class UpcycleMoeSharedExpert(nn.Module):
-    """The always-on expert: a gated FFN of width shared_expert_intermediate_size."""
+class UpcycleMoeMLP(nn.Module):
+    """A gated FFN down(act(gate x) * up x) of width `width`, with the family's activation."""
 
-    def __init__(self, config: UpcycleMoeConfig):
+    def __init__(self, config: UpcycleMoeConfig, width: int):
         super().__init__()
-        hidden, width = config.hidden_size, config.shared_expert_intermediate_size
+        hidden = config.hidden_size
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
@@ -113,18 +135,55 @@ class UpcycleMoeSharedExpert(nn.Module):
         )
 
 
+class UpcycleMoeExpertList(nn.ModuleList):
+    """E gated FFN experts stored apart (`fused_experts=False`): `{e}.gate_proj.weight` (I, H),
+    `{e}.up_proj.weight` (I, H), `{e}.down_proj.weight` (H, I)."""
+
+    def __init__(self, config: UpcycleMoeConfig):
+        width = config.moe_intermediate_size
+        super().__init__(UpcycleMoeMLP(config, width) for _ in range(config.num_experts))
+        self.num_experts = config.num_experts
+
+    def expert(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self[index](hidden_states)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden_states (N, H); top_k_index, top_k_weights (N, k) -> weighted expert sum (N, H)."""
+        return weighted_expert_sum(
+            hidden_states, top_k_index, top_k_weights, self.num_experts, self.expert
+        )
+
+
+class UpcycleMoeSharedExpert(UpcycleMoeMLP):
+    """The always-on expert: a gated FFN of width shared_expert_intermediate_size."""
+
+    def __init__(self, config: UpcycleMoeConfig):
+        super().__init__(config, config.shared_expert_intermediate_size)
+
+
 class UpcycleMoeBlock(nn.Module):
-    """The FFN of an MoE layer: router `gate`, routed `experts`, optional `shared_expert`."""
+    """The FFN of an MoE layer: router `gate`, routed `experts` (fused or one module each),
+    optional `shared_expert` and its optional `shared_expert_gate` (Linear(H, 1))."""
 
     def __init__(self, config: UpcycleMoeConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = UpcycleMoeExperts(config)
-        self.shared_expert = (
-            UpcycleMoeSharedExpert(config) if config.shared_expert_intermediate_size > 0 else None
-        )
+        if config.fused_experts:
+            self.experts = UpcycleMoeExperts(config)
+        else:
+            self.experts = UpcycleMoeExpertList(config)
+        shared = config.shared_expert_intermediate_size > 0
+        self.shared_expert = UpcycleMoeSharedExpert(config) if shared else None
+        self.shared_expert_gate = None
+        if shared and config.shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H) -> the top-k weights (fp32) and expert indices, each (N, k)."""
@@ -140,7 +199,10 @@ class UpcycleMoeBlock(nn.Module):
         weights, index = self.route(flat)
         out = self.experts(flat, index, weights)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
         return out.reshape(shape)
 
 
@@ -159,8 +221,9 @@ class UpcycleMoePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def initialize_weights(self):
-        # The MoE blocks sit inside the family's model, whose own `_init_weights` covers the
-        # router and shared expert (Linears) but not the fused expert tensors.
+        # The MoE blocks sit inside the family's model, whose own `_init_weights` covers their
+        # Linears (router, shared expert and its gate, per-expert FFNs) but not the fused
+        # expert tensors.
         super().initialize_weights()
         std = getattr(self.config, "initializer_range", None) or 0.02
         for module in self.modules():
@@ -320,8 +383,10 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
 
 __all__ = [
     "UpcycleMoeBlock",
+    "UpcycleMoeExpertList",
     "UpcycleMoeExperts",
     "UpcycleMoeForCausalLM",
+    "UpcycleMoeMLP",
     "UpcycleMoePreTrainedModel",
     "UpcycleMoeSharedExpert",
 ]
