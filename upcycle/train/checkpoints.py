@@ -112,6 +112,8 @@ def save_checkpoint(
                 f,
                 indent=2,
             )
+    acc.wait_for_everyone()  # every process's own files (its RNG state) are in tmp by now
+    if acc.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
     acc.wait_for_everyone()
