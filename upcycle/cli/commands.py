@@ -212,4 +212,3 @@ def calibrate(model, out, data, max_tokens, seq_len, ridge, objective, force, as
         click.echo(
             f"wrote {out}\n  router picks of the oracle's top-k: {before:.1%} before, {after:.1%} after"
         )
-
