@@ -1,4 +1,4 @@
-"""The commands: convert, inspect, fetch-default."""
+"""The commands: convert, inspect, fetch-default, calibrate, prune."""
 
 from __future__ import annotations
 
@@ -211,4 +211,74 @@ def calibrate(model, out, data, max_tokens, seq_len, ridge, objective, force, as
         after = sum(r.oracle_overlap_after for r in reports) / len(reports)
         click.echo(
             f"wrote {out}\n  router picks of the oracle's top-k: {before:.1%} before, {after:.1%} after"
+        )
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("out")
+@config_option
+@click.option("--data", required=True, help="Calibration text: a text or JSONL file, or builtin.")
+@click.option("--experts", "-N", type=int, default=None, help="Experts kept per MoE layer.")
+@click.option(
+    "--by",
+    type=click.Choice(["frequency", "uncurl", "merge"]),
+    default="frequency",
+    show_default=True,
+    help="Keep the most-routed experts (frequency), one per router-logit cluster (uncurl), "
+    "or merge each cluster into one expert (merge).",
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="MoE layers to prune (0-3,7) [all]; configs hold one expert count, so a subset is "
+    "refused (docs/prune.md).",
+)
+@click.option(
+    "--pyramid",
+    is_flag=True,
+    help="Keep N experts in the first layer, rising to E in the last; needs per-layer expert "
+    "counts, which no architecture has yet (refused).",
+)
+@click.option("--top-k", "-k", type=int, default=None, help="Lower top-k to K (<= --experts).")
+@click.option("--width", type=float, default=None, help="Fraction of each expert's neurons kept.")
+@click.option(
+    "--max-tokens", type=int, default=32768, show_default=True, help="Calibration tokens."
+)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the clustering.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="The prune record as JSON.")
+@click.option("--quiet", "-q", is_flag=True)
+@hub_kernels_option
+def prune(model, out, data, force, as_json, quiet, **options):
+    """Prune the MoE MODEL to fewer experts (--experts) and/or narrower experts (--width),
+    from routing statistics on --data; write the result to OUT (see docs/prune.md)."""
+    from upcycle.data import resolve_texts
+    from upcycle.io.default_model import resolve_model
+    from upcycle.io.writer import check_output_dir
+    from upcycle.prune import PruneOptions
+    from upcycle.prune import prune as run
+
+    check_output_dir(out, force)
+    opts = PruneOptions(**options)
+    texts = resolve_texts(data, split="calibration")
+    record = run(
+        resolve_model(model, log=_log),
+        out,
+        texts,
+        opts,
+        data=data,
+        force=force,
+        progress=not quiet,
+        log=_log if not quiet else (lambda m: None),
+    )
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    elif not quiet:
+        experts, width = record["num_experts"], record["expert_width"]
+        click.echo(
+            f"wrote {out}\n  experts {experts['from']} -> {experts['to']}"
+            f" ({record['criterion'] or 'kept'}), top-{record['top_k']['to']},"
+            f" expert width {width['from']} -> {width['to']}"
         )

@@ -1,0 +1,67 @@
+"""One MoE layer's routers and experts, reduced: the tensor operations of a prune (torch).
+
+Experts travel fused as transformers 5 holds them in memory: gate_up (E, 2I, H) with the gate
+rows first, down (E, H, I), router (E, H). The same functions reduce the model in memory (for
+statistics gathered after the experts are pruned) and the checkpoint's tensors on their way to
+the output, so both agree by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from upcycle.prune.select import ExpertPlan
+
+
+def combine(t: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+    """Rows of `t` (E, ...) per output expert: a row picked as it is, or the weighted average
+    of the members' rows (computed in float32, returned in t's dtype)."""
+    if plan.is_selection:
+        return t.index_select(0, torch.tensor(plan.kept())).clone()
+    rows = []
+    for members, weights in zip(plan.members, plan.weights, strict=True):
+        acc = torch.zeros(t.shape[1:], dtype=torch.float32)
+        for e, w in zip(members, weights, strict=True):
+            acc += w * t[e].float()
+        rows.append(acc.to(t.dtype))
+    return torch.stack(rows)
+
+
+def reduce_experts(router, gate_up, down, plan: ExpertPlan):
+    """(router, gate_up, down) of the plan's experts: router rows are combined as the experts."""
+    return combine(router, plan), combine(gate_up, plan), combine(down, plan)
+
+
+def narrow_experts(gate_up: torch.Tensor, down: torch.Tensor, keep: np.ndarray):
+    """Each expert e keeps its neurons keep[e] (N, I'): gate and up rows, down columns."""
+    width = down.shape[2]
+    gu, dn = [], []
+    for e, idx in enumerate(torch.from_numpy(np.asarray(keep, dtype=np.int64))):
+        gu.append(gate_up[e].index_select(0, torch.cat([idx, idx + width])))
+        dn.append(down[e].index_select(1, idx))
+    return torch.stack(gu), torch.stack(dn)
+
+
+def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, 2I, H) -> gate (E, I, H), up (E, I, H)."""
+    width = gate_up.shape[1] // 2
+    return gate_up[:, :width], gate_up[:, width:]
+
+
+def install(block: torch.nn.Module, router, gate_up, down, top_k: int) -> None:
+    """Put reduced experts into a loaded MoE block (router `gate`, fused `experts`), so that
+    it runs as the pruned model will: the router's rows, the experts' tensors, and every
+    `num_experts` / `top_k` attribute the block's modules read while routing."""
+    n = router.shape[0]
+    gate, experts = block.gate, block.experts
+    gate.weight = torch.nn.Parameter(router, requires_grad=False)
+    if isinstance(gate, torch.nn.Linear):
+        gate.out_features = n
+    experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+    experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
+    for module in (block, gate, experts):
+        if isinstance(getattr(module, "num_experts", None), int):
+            module.num_experts = n
+        if isinstance(getattr(module, "top_k", None), int):
+            module.top_k = top_k
