@@ -161,3 +161,14 @@ def test_the_checks_see_what_they_should(tmp_path):
     (tmp_path / "y.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
     assert private_imports(mods) == {("upcycle.x", "upcycle.y._hidden")}
     assert long_functions(mods) == {"upcycle.y:long"}
+
+
+def test_every_package_is_listed_in_setup_cfg():
+    """setup.cfg lists packages by name: one left out is missing from a non-editable install."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(ROOT, "setup.cfg"))
+    listed = set(config["options"]["packages"].split())
+    found = {mod for mod, path in modules().items() if os.path.basename(path) == "__init__.py"}
+    assert found == listed, f"not listed: {sorted(found - listed)}; gone: {sorted(listed - found)}"
