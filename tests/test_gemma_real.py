@@ -51,12 +51,14 @@ with torch.no_grad():
     first = torch.tensor([prompts[0]])
     gen = model.generate(first, attention_mask=torch.ones_like(first), max_new_tokens=20,
                          do_sample=False)
-torch.save({"cls": type(model).__name__, "logits": logits, "gen": gen[0].tolist()}, out)
+from safetensors.torch import save_file
+meta = {"cls": type(model).__name__, "gen": json.dumps(gen[0].tolist())}
+save_file({f"logits.{i}": t.contiguous() for i, t in enumerate(logits)}, out, metadata=meta)
 """
 
 
 def load_without_upcycle(folder: str, prompts: list[list[int]]) -> dict:
-    out = os.path.join(os.path.dirname(folder), "loaded.pt")
+    out = os.path.join(os.path.dirname(folder), "loaded.safetensors")
     r = subprocess.run(
         [sys.executable, "-c", LOAD, folder, json.dumps(prompts), out],
         capture_output=True,
@@ -64,7 +66,12 @@ def load_without_upcycle(folder: str, prompts: list[list[int]]) -> dict:
         cwd=os.path.dirname(folder),  # not the repository root
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(out)
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+        logits = [f.get_tensor(f"logits.{i}") for i in range(len(prompts))]
+    return {"cls": meta["cls"], "logits": logits, "gen": json.loads(meta["gen"])}
 
 
 def relative_gap(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
