@@ -37,6 +37,22 @@ FAMILY_CONFIGS = {
     "mistral": dict(sliding_window=8, tie_word_embeddings=False),
     "qwen2": dict(tie_word_embeddings=False),
     "qwen3": dict(tie_word_embeddings=True),
+    # families upcycle_moe serves: windows shorter than the test sequences, soft-capping on
+    # (Gemma 2), tied embeddings (Gemma), fused qkv and gate_up (Phi-3)
+    "gemma2": dict(
+        sliding_window=8,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        query_pre_attn_scalar=16,
+        tie_word_embeddings=True,
+    ),
+    "gemma3_text": dict(
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16,
+        tie_word_embeddings=True,
+    ),
+    "phi3": dict(tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 

@@ -12,28 +12,12 @@ import sys
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import FAMILY_CONFIGS, save_tiny
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Tiny configs of the new families: a window shorter than the test sequences, soft-capping on.
-FAMILIES = {
-    "gemma2": dict(
-        sliding_window=8,
-        final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0,
-        query_pre_attn_scalar=16,
-        tie_word_embeddings=True,
-    ),
-    "gemma3_text": dict(
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=16,
-        tie_word_embeddings=True,
-    ),
-    "phi3": dict(tie_word_embeddings=False, pad_token_id=0),
-    "mistral": dict(sliding_window=8, tie_word_embeddings=False),
-}
+# Tiny configs (conftest.FAMILY_CONFIGS): windows shorter than the test sequences.
+FAMILIES = {f: FAMILY_CONFIGS[f] for f in ("gemma2", "gemma3_text", "phi3", "mistral")}
 
 # Loads a folder in a process where `import upcycle` fails: the output needs nothing of ours.
 LOAD = r"""

@@ -30,28 +30,13 @@ import sys
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import FAMILY_CONFIGS, save_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-# Tiny configs of the families conftest lacks: windows shorter than the test sequences,
-# soft-capping on (Gemma 2), tied embeddings (Gemma), fused qkv and gate_up (Phi-3).
-FAMILY_OVERRIDES = {
-    "gemma2": dict(
-        sliding_window=8,
-        final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0,
-        query_pre_attn_scalar=16,
-        tie_word_embeddings=True,
-    ),
-    "gemma3_text": dict(
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=16,
-        tie_word_embeddings=True,
-    ),
-    "phi3": dict(tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-}
+# Tiny configs of the new families (conftest.FAMILY_CONFIGS): windows shorter than the test
+# sequences, soft-capping on (Gemma 2), tied embeddings (Gemma), fused qkv and gate_up (Phi-3).
+FAMILY_OVERRIDES = {f: FAMILY_CONFIGS[f] for f in ("gemma2", "gemma3_text", "phi3")}
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 VARIANTS = ("copy", "shared", "per_expert", "gated")
 # The layout each variant's weights come from, and its key of the optional layouts.
