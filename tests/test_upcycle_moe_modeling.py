@@ -531,6 +531,9 @@ def test_config_holds_the_familys_keys(folders):
         (dict(moe_layers=[0, 5]), "moe_layers"),
         (dict(base_model_type="upcycle_moe"), "dense family"),
         (dict(shared_expert_gate=True), "shared_expert_gate needs a shared expert"),
+        (dict(num_experts=4, layer_experts=[4, 2, 3]), "one count per MoE layer"),
+        (dict(num_experts=4, layer_experts=[3, 2]), "num_experts \\(4\\) the largest"),
+        (dict(num_experts=4, num_experts_per_tok=3, layer_experts=[4, 2]), "fewest experts"),
     ],
 )
 def test_bad_moe_keys_are_refused(overrides, message):

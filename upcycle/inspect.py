@@ -75,6 +75,8 @@ def _moe_info(ckpt: Checkpoint) -> dict:
         "methods": [],
         "targets": [],
     }
+    if cfg.get("layer_experts"):  # upcycle_moe with per-layer counts (a pruned pyramid)
+        out["layer_experts"] = list(cfg["layer_experts"])
     if cfg.get("num_attention_experts"):  # bam: soft-routed, all active
         out["attention_experts"] = (
             f"{cfg['num_attention_experts']} per layer ({cfg.get('attention_experts', 'full')}), "

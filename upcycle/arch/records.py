@@ -228,6 +228,7 @@ _GENERIC = [
             fused=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
             keeps_source=True,
             remote_code=True,
+            layer_experts_key="layer_experts",
         ),
     ),
 ]

@@ -81,6 +81,8 @@ class MoETarget:
     # every source key, every source layer tensor is accepted, dense layers keep the source's FFN
     keeps_source: bool = False
     remote_code: bool = False  # written with its modeling code and auto_map (upcycle/modeling)
+    # config key listing each MoE layer's expert count when layers differ (None: one count)
+    layer_experts_key: str | None = None
 
     def expert_name(self, e: int, role: str) -> str:
         if self.fused:

@@ -222,23 +222,24 @@ def calibrate(model, out, data, max_tokens, seq_len, ridge, objective, force, as
 @click.option("--experts", "-N", type=int, default=None, help="Experts kept per MoE layer.")
 @click.option(
     "--by",
-    type=click.Choice(["frequency", "uncurl", "merge"]),
+    type=click.Choice(["frequency", "uncurl", "merge", "random"]),
     default="frequency",
     show_default=True,
     help="Keep the most-routed experts (frequency), one per router-logit cluster (uncurl), "
-    "or merge each cluster into one expert (merge).",
+    "merge each cluster into one expert (merge), or keep a seeded random draw (random, a "
+    "baseline).",
 )
 @click.option(
     "--layers",
     default=None,
-    help="MoE layers to prune (0-3,7) [all]; configs hold one expert count, so a subset is "
-    "refused (docs/prune.md).",
+    help="MoE layers to prune (0-3,7) [all]; a subset needs per-layer expert counts "
+    "(upcycle_moe; docs/prune.md).",
 )
 @click.option(
     "--pyramid",
     is_flag=True,
-    help="Keep N experts in the first layer, rising to E in the last; needs per-layer expert "
-    "counts, which no architecture has yet (refused).",
+    help="Keep N experts in the first pruned layer, rising to E in the last; needs per-layer "
+    "expert counts (upcycle_moe; docs/prune.md).",
 )
 @click.option("--top-k", "-k", type=int, default=None, help="Lower top-k to K (<= --experts).")
 @click.option("--width", type=float, default=None, help="Fraction of each expert's neurons kept.")
@@ -246,7 +247,9 @@ def calibrate(model, out, data, max_tokens, seq_len, ridge, objective, force, as
     "--max-tokens", type=int, default=32768, show_default=True, help="Calibration tokens."
 )
 @click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the clustering.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seeds the clustering and --by random."
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="The prune record as JSON.")
 @click.option("--quiet", "-q", is_flag=True)

@@ -97,3 +97,22 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
     except LOAD_ERRORS as e:
         raise InputError(f"{path}: cannot load the tokenizer ({_first_line(e)})") from None
+
+
+def empty_causal_lm(path: str, trust_remote_code: bool = False):
+    """The model class of `path` built from its config with every parameter on the meta device
+    (no memory, no data read) and real buffers (rotary frequencies are computed at init): a
+    skeleton whose parts are loaded on demand (`upcycle.prune.layerwise`)."""
+    import warnings
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    remote = _remote(path, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+        with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=remote).eval()
+    except LOAD_ERRORS as e:
+        raise InputError(f"{path}: transformers cannot build it ({_first_line(e)})") from None

@@ -29,6 +29,7 @@ MOE_KEYS = (
     "fused_experts",
     "norm_topk_prob",
     "moe_layers",
+    "layer_experts",
     "router_aux_loss_coef",
     "output_router_logits",
 )
@@ -73,6 +74,9 @@ class UpcycleMoeConfig(PreTrainedConfig):
     norm_topk_prob: renormalise the top-k softmax weights to sum to 1.
     moe_layers: indices of the layers whose FFN is an MoE block (None: every layer); the other
         layers keep the family's own MLP.
+    layer_experts: routed experts of each MoE layer, in `moe_layers` order, when layers differ
+        (a pruned pyramid); None: num_experts in every MoE layer. num_experts is then the
+        largest entry and num_experts_per_tok at most the smallest.
     router_aux_loss_coef: weight of the load-balancing loss added to the LM loss when
         `output_router_logits` is on.
     output_router_logits: return every MoE layer's router logits (and the aux loss).
@@ -92,6 +96,7 @@ class UpcycleMoeConfig(PreTrainedConfig):
     fused_experts: bool = True
     norm_topk_prob: bool = True
     moe_layers: list[int] | None = None
+    layer_experts: list[int] | None = None
     router_aux_loss_coef: float = 0.001
     output_router_logits: bool = False
 
@@ -113,13 +118,28 @@ class UpcycleMoeConfig(PreTrainedConfig):
         self.moe_layers = sorted(int(i) for i in self.moe_layers)
         self._check_moe()
 
+    def experts_in(self, layer: int) -> int:
+        """Routed experts of MoE layer `layer` (an index into the decoder's layers)."""
+        if self.layer_experts is None:
+            return self.num_experts
+        return self.layer_experts[self.moe_layers.index(layer)]
+
     def _check_moe(self) -> None:
         if self.num_experts < 1:
             raise ValueError("num_experts must be at least 1")
-        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+        fewest = self.num_experts
+        if self.layer_experts is not None:
+            counts = [int(n) for n in self.layer_experts]
+            if len(counts) != len(self.moe_layers) or max(counts) != self.num_experts:
+                raise ValueError(
+                    f"layer_experts must give one count per MoE layer ({len(self.moe_layers)}) "
+                    f"with num_experts ({self.num_experts}) the largest, got {counts}"
+                )
+            self.layer_experts, fewest = counts, min(counts)
+        if not 1 <= self.num_experts_per_tok <= fewest:
             raise ValueError(
-                f"num_experts_per_tok must be between 1 and num_experts ({self.num_experts}), "
-                f"got {self.num_experts_per_tok}"
+                f"num_experts_per_tok must be between 1 and the fewest experts of a layer "
+                f"({fewest}), got {self.num_experts_per_tok}"
             )
         if self.moe_intermediate_size < 1 or self.shared_expert_intermediate_size < 0:
             raise ValueError(

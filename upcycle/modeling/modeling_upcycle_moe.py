@@ -88,9 +88,9 @@ def weighted_expert_sum(
 class UpcycleMoeExperts(nn.Module):
     """E gated FFN experts in two fused tensors: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
 
-    def __init__(self, config: UpcycleMoeConfig):
+    def __init__(self, config: UpcycleMoeConfig, num_experts: int):
         super().__init__()
-        self.num_experts = config.num_experts
+        self.num_experts = num_experts
         self.hidden_dim = config.hidden_size
         self.intermediate_dim = config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(
@@ -139,10 +139,10 @@ class UpcycleMoeExpertList(nn.ModuleList):
     """E gated FFN experts stored apart (`fused_experts=False`): `{e}.gate_proj.weight` (I, H),
     `{e}.up_proj.weight` (I, H), `{e}.down_proj.weight` (H, I)."""
 
-    def __init__(self, config: UpcycleMoeConfig):
+    def __init__(self, config: UpcycleMoeConfig, num_experts: int):
         width = config.moe_intermediate_size
-        super().__init__(UpcycleMoeMLP(config, width) for _ in range(config.num_experts))
-        self.num_experts = config.num_experts
+        super().__init__(UpcycleMoeMLP(config, width) for _ in range(num_experts))
+        self.num_experts = num_experts
 
     def expert(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
         return self[index](hidden_states)
@@ -167,18 +167,19 @@ class UpcycleMoeSharedExpert(UpcycleMoeMLP):
 
 
 class UpcycleMoeBlock(nn.Module):
-    """The FFN of an MoE layer: router `gate`, routed `experts` (fused or one module each),
-    optional `shared_expert` and its optional `shared_expert_gate` (Linear(H, 1))."""
+    """The FFN of an MoE layer: router `gate`, `num_experts` routed `experts` (fused or one
+    module each), optional `shared_expert` and its optional `shared_expert_gate` (Linear(H, 1))."""
 
-    def __init__(self, config: UpcycleMoeConfig):
+    def __init__(self, config: UpcycleMoeConfig, num_experts: int | None = None):
         super().__init__()
+        num_experts = config.num_experts if num_experts is None else num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = nn.Linear(config.hidden_size, num_experts, bias=False)
         if config.fused_experts:
-            self.experts = UpcycleMoeExperts(config)
+            self.experts = UpcycleMoeExperts(config, num_experts)
         else:
-            self.experts = UpcycleMoeExpertList(config)
+            self.experts = UpcycleMoeExpertList(config, num_experts)
         shared = config.shared_expert_intermediate_size > 0
         self.shared_expert = UpcycleMoeSharedExpert(config) if shared else None
         self.shared_expert_gate = None
@@ -281,7 +282,7 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
         self.lm_head = dense.lm_head
         self.vocab_size = config.vocab_size
         for i in config.moe_layers:
-            self.model.layers[i].mlp = UpcycleMoeBlock(config)
+            self.model.layers[i].mlp = UpcycleMoeBlock(config, config.experts_in(i))
         self.post_init()
 
     def moe_blocks(self) -> list[UpcycleMoeBlock]:
@@ -346,9 +347,15 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
         mask = attention_mask
         if mask is not None and (mask.dim() != 2 or mask.numel() != rows):
             mask = None  # a 4D mask, or a cache's longer mask: weigh every token
-        return load_balancing_loss_func(
-            tuple(router_logits), self.config.num_experts, self.config.num_experts_per_tok, mask
-        )
+        k = self.config.num_experts_per_tok
+        if self.config.layer_experts is None:
+            return load_balancing_loss_func(tuple(router_logits), self.config.num_experts, k, mask)
+        # Layers with different expert counts: each layer's loss with its own E, averaged.
+        losses = [
+            load_balancing_loss_func((logits,), logits.shape[-1], k, mask)
+            for logits in router_logits
+        ]
+        return torch.stack(losses).mean()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def prepare_inputs_for_generation(

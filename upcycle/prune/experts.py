@@ -14,18 +14,37 @@ import torch
 from upcycle.prune.select import ExpertPlan
 
 
+def read_experts(ckpt, layout, i: int):
+    """MoE layer i's (router (E, H), gate_up (E, 2I, H), down (E, H, I)) as stored, fused
+    whichever way the checkpoint holds its experts (`layout.fused` or one tensor each)."""
+    router = ckpt.get_torch(layout.router(i))
+    if layout.fused:
+        gate_up_name, down_name = layout.fused_names(i)
+        return router, ckpt.get_torch(gate_up_name), ckpt.get_torch(down_name)
+    experts = range(layout.layer_experts[i])
+    gate_up = torch.stack(
+        [
+            torch.cat([ckpt.get_torch(layout.expert(i, e, r)) for r in ("gate", "up")])
+            for e in experts
+        ]
+    )
+    down = torch.stack([ckpt.get_torch(layout.expert(i, e, "down")) for e in experts])
+    return router, gate_up, down
+
+
 def combine(t: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     """Rows of `t` (E, ...) per output expert: a row picked as it is, or the weighted average
-    of the members' rows (computed in float32, returned in t's dtype)."""
+    of the members' rows (computed in float32, returned in t's dtype), written into one
+    output tensor as they are made."""
     if plan.is_selection:
-        return t.index_select(0, torch.tensor(plan.kept())).clone()
-    rows = []
-    for members, weights in zip(plan.members, plan.weights, strict=True):
+        return t.index_select(0, torch.tensor(plan.kept()))
+    out = torch.empty((plan.num_experts, *t.shape[1:]), dtype=t.dtype)
+    for j, (members, weights) in enumerate(zip(plan.members, plan.weights, strict=True)):
         acc = torch.zeros(t.shape[1:], dtype=torch.float32)
         for e, w in zip(members, weights, strict=True):
             acc += w * t[e].float()
-        rows.append(acc.to(t.dtype))
-    return torch.stack(rows)
+        out[j] = acc
+    return out
 
 
 def reduce_experts(router, gate_up, down, plan: ExpertPlan):

@@ -16,7 +16,7 @@ from upcycle.arch.spec import MoETarget
 from upcycle.errors import InputError, OptionError, UnsupportedError
 from upcycle.io.checkpoint import Checkpoint
 
-CRITERIA = ("frequency", "uncurl", "merge")
+CRITERIA = ("frequency", "uncurl", "merge", "random")
 WIDTH_MULTIPLE = 8  # expert widths are rounded up to a multiple of this
 TOKENS_PER_EXPERT = 8  # calibration tokens needed per routed expert of the source
 
@@ -24,7 +24,7 @@ TOKENS_PER_EXPERT = 8  # calibration tokens needed per routed expert of the sour
 @dataclass(frozen=True)
 class PruneOptions:
     experts: int | None = None  # N: experts kept per pruned layer (None: experts stay)
-    by: str = "frequency"  # frequency, uncurl or merge
+    by: str = "frequency"  # frequency, uncurl, merge or random
     layers: str | None = None  # "0-3,7": the layers pruned (None: every MoE layer)
     pyramid: bool = False  # N in the first pruned layer, linearly up to E in the last
     top_k: int | None = None  # a new top-k (None: the model's)
@@ -43,11 +43,12 @@ class Layout:
     prefix: str  # the layer prefix, formatted with i
     num_layers: int
     moe_layers: tuple[int, ...]
-    num_experts: int  # E
+    num_experts: int  # E: the most experts of any MoE layer
     top_k: int  # k
     width: int  # I, each routed expert's width
     hidden: int
     fused: bool  # experts in two (E, 2I, H) / (E, H, I) tensors, else one tensor per projection
+    layer_experts: dict[int, int]  # MoE layer -> its experts (E in each, unless the config lists)
 
     def router(self, i: int) -> str:
         return self.prefix.format(i=i) + self.target.router
@@ -71,7 +72,12 @@ class Schedule:
 
     @property
     def num_experts(self) -> int:
-        return next(iter(self.counts.values()))
+        """The most experts any MoE layer keeps."""
+        return max(self.counts.values())
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.counts.values())) == 1
 
 
 def read_layout(ckpt: Checkpoint) -> Layout:
@@ -89,7 +95,14 @@ def read_layout(ckpt: Checkpoint) -> Layout:
     moe = tuple(i for i in range(num_layers) if prefix.format(i=i) + target.router in ckpt)
     if not moe:
         raise InputError(f"{ckpt.path}: no router tensor ({target.router}) in any layer")
-    num_experts, hidden = ckpt.shape(prefix.format(i=moe[0]) + target.router)
+    counts = {i: ckpt.shape(prefix.format(i=i) + target.router)[0] for i in moe}
+    hidden = ckpt.shape(prefix.format(i=moe[0]) + target.router)[1]
+    if len(set(counts.values())) > 1 and target.layer_experts_key is None:
+        raise InputError(
+            f"{ckpt.path}: the routers of its MoE layers have different expert counts "
+            f"({min(counts.values())} to {max(counts.values())}), which {ckpt.model_type} "
+            "cannot hold"
+        )
     fused = bool(target.fused) and prefix.format(i=moe[0]) + target.fused[1] in ckpt
     if not fused and not target.expert:
         raise InputError(
@@ -103,7 +116,17 @@ def read_layout(ckpt: Checkpoint) -> Layout:
     width = ckpt.shape(down)[-1]
     top_k = int(cfg.get(arch.moe.top_k_key) or 0)
     layout = Layout(
-        ckpt.model_type, target, prefix, num_layers, moe, num_experts, top_k, width, hidden, fused
+        ckpt.model_type,
+        target,
+        prefix,
+        num_layers,
+        moe,
+        max(counts.values()),
+        top_k,
+        width,
+        hidden,
+        fused,
+        counts,
     )
     check_layout(ckpt, layout)
     return layout
@@ -111,10 +134,11 @@ def read_layout(ckpt: Checkpoint) -> Layout:
 
 def check_layout(ckpt: Checkpoint, layout: Layout) -> None:
     """Every MoE layer has E router rows and every expert tensor, of one width."""
-    if not 1 <= layout.top_k <= layout.num_experts:
+    if not 1 <= layout.top_k <= min(layout.layer_experts.values()):
         raise InputError(f"{ckpt.path}: num_experts_per_tok {layout.top_k} is not in 1..E")
-    e, h, w = layout.num_experts, layout.hidden, layout.width
+    h, w = layout.hidden, layout.width
     for i in layout.moe_layers:
+        e = layout.layer_experts[i]
         want = {layout.router(i): (e, h)}
         if layout.fused:
             gate_up, down = layout.fused_names(i)
@@ -185,22 +209,28 @@ def plan_schedule(layout: Layout, opts: PruneOptions) -> Schedule:
         raise OptionError(f"--by must be one of {', '.join(CRITERIA)}, got {opts.by!r}")
     if opts.width is not None and not 0 < opts.width <= 1:
         raise OptionError(f"--width must be in (0, 1], got {opts.width}")
-    e = layout.num_experts
-    counts = dict.fromkeys(layout.moe_layers, e)
+    counts = dict(layout.layer_experts)
     if opts.experts is None:
         if opts.layers is not None or opts.pyramid:
             raise OptionError("--layers and --pyramid choose layers for --experts; give --experts")
     else:
-        if not 1 <= opts.experts < e:
-            raise OptionError(f"--experts must be between 1 and {e - 1} (the model has {e})")
         chosen = parse_layers(opts.layers, layout) if opts.layers else list(layout.moe_layers)
+        fewest_source = min(layout.layer_experts[i] for i in chosen)
+        if not 1 <= opts.experts < fewest_source:
+            raise OptionError(
+                f"--experts must be between 1 and {fewest_source - 1} "
+                f"(the model has {fewest_source} experts per MoE layer)"
+            )
+        e = max(layout.layer_experts[i] for i in chosen)
         kept = (
             pyramid(opts.experts, e, len(chosen)) if opts.pyramid else [opts.experts] * len(chosen)
         )
-        counts.update(zip(chosen, kept, strict=True))
+        counts.update(
+            {i: min(n, layout.layer_experts[i]) for i, n in zip(chosen, kept, strict=True)}
+        )
     fewest = min(counts.values())
     top_k = _top_k(layout, opts, fewest)
-    _check_uniform(layout, counts)
+    _check_counts(layout, counts)
     width = layout.width if opts.width is None else expert_width(layout.width, opts.width)
     return Schedule(counts, top_k, width, opts.width)
 
@@ -220,14 +250,16 @@ def _top_k(layout: Layout, opts: PruneOptions, fewest: int) -> int:
     return opts.top_k
 
 
-def _check_uniform(layout: Layout, counts: dict[int, int]) -> None:
-    """Configs hold one expert count for every MoE layer: refuse a schedule that varies."""
-    if len(set(counts.values())) == 1:
+def _check_counts(layout: Layout, counts: dict[int, int]) -> None:
+    """A schedule whose layers keep different numbers of experts needs an architecture that
+    lists them per layer (upcycle_moe's `layer_experts`); the others hold one count."""
+    if len(set(counts.values())) == 1 or layout.target.layer_experts_key:
         return
     low, high = min(counts.values()), max(counts.values())
     raise UnsupportedError(
         f"{layout.model_type} holds one expert count for all MoE layers, but this prune keeps "
-        f"{low} to {high} per layer; prune every MoE layer to the same --experts"
+        f"{low} to {high} per layer; prune every MoE layer to the same --experts, or convert "
+        "with --target upcycle_moe, which holds a count per layer"
     )
 
 
@@ -249,6 +281,11 @@ def new_config(config: dict, layout: Layout, schedule: Schedule) -> dict:
     for key in sorted(keys):
         if key in out or key == layout.target.experts_keys[0]:
             out[key] = schedule.num_experts
+    per_layer = layout.target.layer_experts_key
+    if per_layer:
+        out.pop(per_layer, None)
+        if not schedule.uniform:
+            out[per_layer] = [schedule.counts[i] for i in layout.moe_layers]
     out[arch.moe.top_k_key] = schedule.top_k
     out[layout.target.expert_width_key] = schedule.width
     return out

@@ -11,6 +11,7 @@ import time
 from upcycle.engine.outputs import PROVENANCE
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.io.writer import check_output_dir, claims_output_dir
+from upcycle.prune.experts import read_experts
 from upcycle.prune.plan import (
     Layout,
     PruneOptions,
@@ -24,46 +25,66 @@ from upcycle.prune.select import ExpertPlan, keep_neurons, plan_layer, ranges
 from upcycle.prune.write import LayerChange, write
 
 
-def _statistics(model_dir, layout: Layout, schedule: Schedule, opts, ids, progress, log):
-    """Load the model, gather what the prune needs and decide: (routing stats, layer ->
-    ExpertPlan, layer -> kept neurons). With --experts and --width, the neuron statistics
-    come from the model with its experts already pruned (and its new top-k)."""
-    from upcycle.prune.experts import install, reduce_experts
-    from upcycle.prune.stats import (
-        load_model,
-        moe_blocks,
-        neuron_importance,
-        routing_stats,
-        trim_heap,
-    )
+def _statistics(ckpt, layout: Layout, schedule: Schedule, opts, ids, progress, log):
+    """Gather what the prune needs and decide, one decoder layer at a time
+    (`upcycle.prune.layerwise`): (routing stats, layer -> ExpertPlan, layer -> kept neurons).
 
-    model = load_model(model_dir)
-    blocks = moe_blocks(model, layout.moe_layers)
+    A layer is decided from its own statistics, then pruned in place (experts, new top-k,
+    neurons) before its output is computed: every later layer is measured on the hidden states
+    of the pruned model, and with --experts and --width the neuron statistics come from the
+    layer with its experts already pruned."""
+    from tqdm.auto import tqdm
+
+    from upcycle.prune.layerwise import LayerRunner
+    from upcycle.prune.stats import trim_heap
+
+    log(f"statistics on {ids.numel()} tokens, one layer at a time ...")
+    runner = LayerRunner(ckpt, layout, ids)
     routing, plans, keeps = {}, {}, {}
-    pruned = [i for i, n in schedule.counts.items() if n < layout.num_experts]
-    if pruned:
-        log(f"routing statistics on {ids.numel()} tokens ...")
-        keep_logits = opts.by != "frequency"
-        routing = routing_stats(model, blocks, ids, layout.top_k, keep_logits, progress)
-        for i in pruned:
-            stats = routing[i]
-            plans[i] = plan_layer(
-                opts.by, schedule.counts[i], stats.counts, stats.logits, opts.seed, i
-            )
-            stats.logits = None
-    if schedule.width < layout.width:
-        for i, block in blocks.items():
-            tensors = (block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj)
-            if i in plans:
-                tensors = reduce_experts(*(t.detach() for t in tensors), plans[i])
-            install(block, *(t.detach() for t in tensors), schedule.top_k)
-        log(f"neuron statistics on {ids.numel()} tokens ...")
-        importance = neuron_importance(model, blocks, ids, progress)
-        keeps = {i: keep_neurons(imp, schedule.width) for i, imp in importance.items()}
-    del model, blocks
+    last = max(layout.moe_layers)  # the layers after it change nothing the prune measures
+    for i in tqdm(range(last + 1), desc="layers", disable=not progress, file=sys.stderr):
+        runner.load(i, lambda j: read_experts(ckpt, layout, j))
+        if i in layout.moe_layers:
+            _decide(runner, i, layout, schedule, opts, (routing, plans, keeps))
+        if i < last:
+            runner.run(i, advance=True)
+        runner.release(i)
+        trim_heap()  # freed layers and activations would otherwise stay resident
+    del runner
     gc.collect()
     trim_heap()  # the writer starts from the resident memory of the statistics' results
     return routing, plans, keeps
+
+
+def _decide(runner, i, layout, schedule, opts, results) -> None:
+    """Layer i's expert plan and kept neurons, applied to the loaded layer."""
+    from upcycle.prune.experts import install, narrow_experts, reduce_experts
+    from upcycle.prune.layerwise import moe_block
+    from upcycle.prune.stats import neuron_importance, routing_stats, trim_heap
+
+    routing, plans, keeps = results
+    block = moe_block(runner.layers[i], layout, i)
+
+    def forward():
+        runner.run(i)
+        trim_heap()
+
+    def weights():
+        return block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj
+
+    router, gate_up, down = weights()
+    if schedule.counts[i] < layout.layer_experts[i]:
+        keep_logits = opts.by in ("uncurl", "merge")
+        stats = routing_stats(block, forward, layout.top_k, keep_logits)
+        plans[i] = plan_layer(opts.by, schedule.counts[i], stats.counts, stats.logits, opts.seed, i)
+        stats.logits = None
+        routing[i] = stats
+        router, gate_up, down = reduce_experts(router, gate_up, down, plans[i])
+    install(block, router, gate_up, down, schedule.top_k)
+    if schedule.width < layout.width:
+        keeps[i] = keep_neurons(neuron_importance(block, forward), schedule.width)
+        gate_up, down = narrow_experts(*weights()[1:], keeps[i])
+        install(block, router, gate_up, down, schedule.top_k)
 
 
 def _plan_record(plan: ExpertPlan, by: str) -> dict:
@@ -100,6 +121,10 @@ def prune_record(opts, data, tokens, layout, schedule, routing, plans, keeps) ->
         "seq_len": opts.seq_len,
         "seed": opts.seed,
         "num_experts": {"from": layout.num_experts, "to": schedule.num_experts},
+        "layer_experts": {
+            "from": [layout.layer_experts[i] for i in layout.moe_layers],
+            "to": [schedule.counts[i] for i in layout.moe_layers],
+        },
         "top_k": {"from": layout.top_k, "to": schedule.top_k},
         "expert_width": {"from": layout.width, "to": schedule.width, "fraction": opts.width},
         "layers": layers,
@@ -144,7 +169,7 @@ def prune(
         texts, load_tokenizer(ckpt.path), seq_len=opts.seq_len, max_tokens=opts.max_tokens
     )
     check_tokens(ids.numel(), layout)
-    routing, plans, keeps = _statistics(ckpt.path, layout, schedule, opts, ids, progress, log)
+    routing, plans, keeps = _statistics(ckpt, layout, schedule, opts, ids, progress, log)
     changes = {
         i: LayerChange(plans.get(i), keeps.get(i))
         for i in layout.moe_layers

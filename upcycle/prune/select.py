@@ -9,6 +9,8 @@ every calibration token.
   centred over the experts first, since a softmax ignores a per-token shift) are clustered
   into N groups by k-means (k-means++ starts, RESTARTS seeded restarts, the lowest
   within-cluster sum of squares wins); each group keeps its most-routed member.
+- random: N experts drawn uniformly (seeded per layer), whatever the statistics say: the floor
+  a criterion has to beat.
 - merge: the same clusters; each becomes one expert, the average of its members weighted by
   their counts (uniform when no token chose any of them).
 
@@ -139,10 +141,19 @@ def by_merge(clusters: list[list[int]], counts: np.ndarray) -> ExpertPlan:
     return ExpertPlan([list(c) for c in clusters], weights)
 
 
+def by_random(num_experts: int, n: int, seed: int, layer: int) -> ExpertPlan:
+    """n of the experts drawn uniformly without replacement (seeded per layer), in order."""
+    rng = np.random.default_rng([seed, layer])
+    kept = sorted(int(e) for e in rng.choice(num_experts, size=n, replace=False))
+    return ExpertPlan([[e] for e in kept], [[1.0]] * n)
+
+
 def plan_layer(by: str, n: int, counts: np.ndarray, logits, seed: int, layer: int) -> ExpertPlan:
     """The ExpertPlan of one layer under criterion `by`."""
     if by == "frequency":
         return by_frequency(counts, n)
+    if by == "random":
+        return by_random(len(counts), n, seed, layer)
     clusters = cluster_experts(logits, n, seed, layer)
     return by_uncurl(clusters, counts) if by == "uncurl" else by_merge(clusters, counts)
 

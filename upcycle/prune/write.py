@@ -12,12 +12,11 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from upcycle.engine.outputs import Contents, write_model
 from upcycle.io.arrays import from_torch
 from upcycle.io.checkpoint import Checkpoint
-from upcycle.prune.experts import narrow_experts, reduce_experts, split_gate_up
+from upcycle.prune.experts import narrow_experts, read_experts, reduce_experts, split_gate_up
 from upcycle.prune.plan import Layout, Schedule
 from upcycle.prune.select import ExpertPlan
 
@@ -39,7 +38,7 @@ def _role_of(layout: Layout) -> dict[str, tuple[int, str, int]]:
             gate_up, down = layout.fused_names(i)
             roles[gate_up], roles[down] = (i, "gate_up", -1), (i, "down", -1)
         else:
-            for e in range(layout.num_experts):
+            for e in range(layout.layer_experts[i]):
                 for role in ("gate", "up", "down"):
                     roles[layout.expert(i, e, role)] = (i, role, e)
     return roles
@@ -77,19 +76,7 @@ def output_entries(ckpt: Checkpoint, layout: Layout, schedule: Schedule, changes
 def layer_tensors(ckpt: Checkpoint, layout: Layout, i: int, change: LayerChange) -> dict:
     """Layer i's new router and expert tensors, by output name, in their stored dtypes."""
     router_name = layout.router(i)
-    router = ckpt.get_torch(router_name)
-    if layout.fused:
-        gate_up_name, down_name = layout.fused_names(i)
-        gate_up, down = ckpt.get_torch(gate_up_name), ckpt.get_torch(down_name)
-    else:
-        experts = range(layout.num_experts)
-        gate_up = torch.stack(
-            [
-                torch.cat([ckpt.get_torch(layout.expert(i, e, r)) for r in ("gate", "up")])
-                for e in experts
-            ]
-        )
-        down = torch.stack([ckpt.get_torch(layout.expert(i, e, "down")) for e in experts])
+    router, gate_up, down = read_experts(ckpt, layout, i)
     if change.plan is not None:
         router, gate_up, down = reduce_experts(router, gate_up, down, change.plan)
     if change.keep is not None:
@@ -100,6 +87,7 @@ def layer_tensors(ckpt: Checkpoint, layout: Layout, i: int, change: LayerChange)
 
     out = {router_name: stored(router, router_name)}
     if layout.fused:
+        gate_up_name, down_name = layout.fused_names(i)
         out[gate_up_name] = stored(gate_up, gate_up_name)
         out[down_name] = stored(down, down_name)
         return out
@@ -141,7 +129,18 @@ def write(ckpt, layout, schedule, changes, out, config, provenance, force) -> in
         for f in os.listdir(ckpt.path)
         if f.endswith(".safetensors")
     ]
-    contents = Contents(config=config, files_from=ckpt.path, file_names=None, provenance=provenance)
+    from upcycle.modeling import code_files
+
+    # upcycle's own architectures get the installed modeling code (a per-layer expert count
+    # needs it), in place of the copy the source carries
+    code = code_files(layout.model_type) if layout.target.remote_code else ()
+    contents = Contents(
+        config=config,
+        files_from=ckpt.path,
+        file_names=None,
+        code_files=code,
+        provenance=provenance,
+    )
     return write_model(
         out,
         entries,

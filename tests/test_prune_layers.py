@@ -1,0 +1,163 @@
+"""upcycle prune, layer by layer: the layer-at-a-time runner, per-layer expert counts
+(--pyramid, --layers) in upcycle_moe, and the random floor (--by random)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import save_tiny
+from test_families_convert import FAMILIES
+from test_prune import IDS, _convert, _corpus, check_output, out_logits, prune, reference_logits
+from test_upcycle_moe_modeling import LOAD
+from transformers import AutoModelForCausalLM
+
+import upcycle.modeling  # noqa: F401  (registers upcycle_moe)
+from upcycle.io.checkpoint import Checkpoint
+from upcycle.prune.experts import read_experts
+from upcycle.prune.layerwise import LayerRunner
+from upcycle.prune.plan import pyramid, read_layout
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from conftest import run_cli as cli
+
+    root = tmp_path_factory.mktemp("prune_layers")
+    llama = save_tiny(str(root / "llama"), "llama", tokenizer=True, num_hidden_layers=4)
+    gemma = save_tiny(str(root / "gemma"), "gemma3_text", tokenizer=True, **FAMILIES["gemma3_text"])
+    noisy = ("-E", "6", "-k", "2", "--expert-noise", "0.1")
+    return {
+        "llama": llama,
+        "data": _corpus(root / "data.txt"),
+        "mixtral": _convert(cli, llama, str(root / "mixtral"), *noisy),
+        "copy": _convert(
+            cli, llama, str(root / "copy"), "-E", "6", "-k", "2", "--target", "upcycle_moe"
+        ),
+        "noisy": _convert(cli, llama, str(root / "noisy"), *noisy, "--target", "upcycle_moe"),
+        "gemma": _convert(cli, gemma, str(root / "gemma_moe"), *noisy),
+    }
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gemma"])
+def test_the_layer_runner_computes_the_loaded_models_layers(models, name):
+    """Each layer run alone on the recorded arguments (Gemma 3: sliding and global layers, their
+    own masks and rotary embeddings) gives the loaded model's layer outputs."""
+    ckpt = Checkpoint(models[name])
+    layout = read_layout(ckpt)
+    ids = torch.randint(3, 128, (5, 24), generator=torch.Generator().manual_seed(1))
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    want = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda _m, _a, out, i=i: want.setdefault(i, []).append(out))
+    with torch.no_grad():
+        for s in range(0, 5, 2):  # the runner's batches
+            model(input_ids=ids[s : s + 2], use_cache=False)
+    runner = LayerRunner(ckpt, layout, ids)
+    assert len(runner.hidden) == 3
+    for i in range(layout.num_layers):
+        runner.load(i, lambda j: read_experts(ckpt, layout, j))
+        runner.run(i, advance=True)
+        runner.release(i)
+        for got, ref in zip(runner.hidden, want[i], strict=True):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert all(p.device.type == "meta" for p in runner.layers[i].parameters())
+
+
+def test_pyramid_on_upcycle_moe_lists_the_counts_and_stays_exact(cli, models, tmp_path):
+    """Merging identical copies keeps the dense function at any count per layer."""
+    out = str(tmp_path / "pyramid")
+    record = prune(cli, models["copy"], out, models["data"], "--experts", "2", "--pyramid")
+    counts = pyramid(2, 6, 4)
+    assert counts == [2, 3, 5, 6]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["layer_experts"] == counts and cfg["num_experts"] == 6
+    assert record["layer_experts"] == {"from": [6] * 4, "to": counts}
+    assert [record["layers"][str(i)]["experts"] for i in range(4)] == counts
+    dense = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = dense(IDS).logits
+    torch.testing.assert_close(out_logits(out)[1], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("by", ["frequency", "merge"])
+def test_per_layer_counts_compute_the_recorded_choices(cli, models, tmp_path, by):
+    out = str(tmp_path / "out")
+    args = ("--experts", "2", "--pyramid", "--by", by, "--width", "0.5")
+    record = prune(cli, models["noisy"], out, models["data"], *args)
+    assert record["layer_experts"]["to"] == [2, 3, 5, 6]
+    torch.testing.assert_close(
+        out_logits(out)[1], reference_logits(models["noisy"], out, record), atol=1e-5, rtol=0
+    )
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    loss = model(IDS, labels=IDS, output_router_logits=True)
+    assert torch.isfinite(loss.aux_loss) and torch.isfinite(loss.loss)
+    assert [b.gate.out_features for b in model.moe_blocks()] == [2, 3, 5, 6]
+
+
+def test_a_layer_subset_then_every_layer(cli, models, tmp_path):
+    """--layers keeps the other layers' experts; pruning that model again to one count for all
+    layers drops the list."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    record = prune(cli, models["noisy"], first, models["data"], "--experts", "3", "--layers", "1-2")
+    assert json.load(open(os.path.join(first, "config.json")))["layer_experts"] == [6, 3, 3, 6]
+    assert list(record["layers"]["0"]) == ["experts"]  # untouched: nothing measured there
+    torch.testing.assert_close(
+        out_logits(first)[1], reference_logits(models["noisy"], first, record), atol=1e-5, rtol=0
+    )
+    record = prune(cli, first, second, models["data"], "--experts", "2", "--by", "uncurl")
+    cfg = json.load(open(os.path.join(second, "config.json")))
+    assert cfg["num_experts"] == 2 and "layer_experts" not in cfg
+    assert record["layer_experts"] == {"from": [6, 3, 3, 6], "to": [2, 2, 2, 2]}
+    prov = json.load(open(os.path.join(second, "upcycle.json")))
+    assert len(prov["prune"]) == 2
+    check_output(first, second, record, "upcycle_moe", 2)
+
+
+def test_per_layer_counts_load_without_upcycle(cli, models, tmp_path):
+    """The folder carries modeling code that knows `layer_experts` (the installed code, not the
+    source's copy): stock transformers loads it with trust_remote_code and generates."""
+    out = str(tmp_path / "pyramid")
+    prune(cli, models["noisy"], out, models["data"], "--experts", "2", "--pyramid")
+    job = dict(folder=out, ids=IDS.tolist(), new_tokens=4, result=str(tmp_path / "r.safetensors"))
+    with open(tmp_path / "jobs.json", "w") as f:
+        json.dump([job], f)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    r = subprocess.run(
+        [sys.executable, "-c", LOAD, str(tmp_path / "jobs.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    got = load_file(job["result"])["logits"]
+    torch.testing.assert_close(got, out_logits(out)[1], atol=1e-5, rtol=0)
+
+
+def test_random_is_seeded_per_layer(cli, models, tmp_path):
+    def kept(seed, name):
+        record = prune(
+            cli, models["mixtral"], str(tmp_path / name), models["data"],
+            "--experts", "2", "--by", "random", "--seed", str(seed),
+        )  # fmt: skip
+        assert record["criterion"] == "random"
+        return [record["layers"][str(i)]["kept"] for i in range(4)]
+
+    a, b, c = kept(0, "a"), kept(0, "b"), kept(1, "c")
+    assert a == b and a != c
+    assert len({tuple(k) for k in a}) > 1  # layers draw apart
+    assert all(len(k) == 2 and k == sorted(k) for k in a + c)
+
+
+def test_stock_classes_refuse_per_layer_counts(cli, models, tmp_path):
+    out = str(tmp_path / "out")
+    r = cli("prune", models["mixtral"], out, "--data", models["data"], "--experts", "2",
+            "--pyramid", "-q")  # fmt: skip
+    assert r.code != 0 and "--target upcycle_moe" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not os.path.exists(out)

@@ -1,0 +1,163 @@
+"""A model's decoder run one layer at a time over the calibration blocks, loaded as it goes.
+
+The model is built with every parameter on the meta device (`empty_causal_lm`); only what one
+step needs is ever in memory:
+
+1. Capture: the embedding (and whatever else sits outside the decoder layers) is loaded and
+   every decoder layer is replaced by a recorder that keeps the arguments the model passes it
+   (attention mask, position ids, rotary embeddings: per layer, since families such as Gemma
+   give local and global layers different ones) and hands its input on unchanged. One forward
+   per batch of blocks gives the embeddings, the decoder's input, and each layer's arguments;
+   the outer weights are released afterwards.
+2. Layers, in order: `load(i)` reads layer i's tensors from the checkpoint in float32 (the MoE
+   block's router and experts through the checkpoint's layout, fused as transformers holds
+   them), `run` passes every calibration block through it, `advance` replaces the hidden
+   states by its output, `release` frees it.
+
+So the resident memory is one layer's weights (plus what a prune builds from them), the
+calibration hidden states (blocks x seq_len x hidden, float32) and one batch's activations,
+whatever the model's size. The hidden states a layer receives are the outputs of the layers
+before it as they were left: a prune that changes layer i before `advance(i)` makes every later
+layer's statistics come from the pruned model, as it will run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from upcycle.errors import InputError
+from upcycle.io.checkpoint import Checkpoint
+from upcycle.prune.plan import Layout
+
+BATCH_ROWS = 2  # calibration blocks per forward pass (its activations are transient memory)
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: nothing past the decoder layers is needed."""
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for a decoder layer during the capture: keeps its call's arguments."""
+
+    def __init__(self, calls: list, first: list | None, last: bool):
+        super().__init__()
+        self.calls, self.first, self.last = calls, first, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.first is not None:
+            self.first.append(hidden_states)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _set_param(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    setattr(module, leaf, torch.nn.Parameter(value, requires_grad=False))
+
+
+def moe_block(layer: torch.nn.Module, layout: Layout, i: int) -> torch.nn.Module:
+    """The MoE block of a decoder layer: the module with a router `gate` and `experts`."""
+    found = {
+        name: m
+        for name, m in layer.named_modules()
+        if isinstance(getattr(m, "gate", None), torch.nn.Module) and hasattr(m, "experts")
+    }
+    path = layout.target.router.rsplit(".gate.", 1)[0]
+    if path in found:
+        return found[path]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    raise InputError(f"layer {i}: cannot tell the MoE block among {sorted(found) or 'none'}")
+
+
+class LayerRunner:
+    """The calibration blocks `ids` (B, S) and a layer-at-a-time view of the model."""
+
+    def __init__(self, ckpt: Checkpoint, layout: Layout, ids: torch.Tensor):
+        from upcycle.io.models import empty_causal_lm
+
+        self.ckpt, self.layout = ckpt, layout
+        self.model = empty_causal_lm(ckpt.path)
+        self.layers = self.model.get_submodule(layout.prefix.format(i=0).rsplit(".", 2)[0])
+        if len(self.layers) != layout.num_layers:
+            raise InputError(
+                f"{ckpt.path}: the model builds {len(self.layers)} layers, "
+                f"the config says {layout.num_layers}"
+            )
+        self.hidden: list[torch.Tensor] = []
+        self.calls: list[list] = [[] for _ in range(layout.num_layers)]
+        self._capture(ids)
+
+    def _outer_names(self) -> list[str]:
+        inner = self.layout.prefix.format(i=0).rsplit(".", 2)[0] + "."
+        return [
+            n
+            for n, _ in self.model.named_parameters()
+            if not n.startswith(inner) and not n.startswith("lm_head.")
+        ]
+
+    def _capture(self, ids: torch.Tensor) -> None:
+        outer = self._outer_names()
+        for name in outer:
+            _set_param(self.model, name, self._tensor(name))
+        real = list(self.layers)
+        last = len(real) - 1
+        for i in range(len(real)):
+            first = self.hidden if i == 0 else None
+            self.layers[i] = _Recorder(self.calls[i], first, i == last)
+        try:
+            with torch.no_grad():
+                for s in range(0, ids.shape[0], BATCH_ROWS):
+                    try:
+                        self.model(input_ids=ids[s : s + BATCH_ROWS], use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            for i, layer in enumerate(real):
+                self.layers[i] = layer
+            for name in outer:  # the embedding's job is done
+                _set_param(self.model, name, torch.empty(0, device="meta"))
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        if name not in self.ckpt:
+            raise InputError(f"{self.ckpt.path}: tensor {name} is missing")
+        return self.ckpt.get_torch(name).float()
+
+    def load(self, i: int, experts) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """Decoder layer i with its weights (float32) and its MoE block (None in a dense
+        layer). `experts(i)` gives the MoE layer's (router, gate_up, down) as stored."""
+        from upcycle.prune.experts import install
+
+        layer = self.layers[i]
+        block = moe_block(layer, self.layout, i) if i in self.layout.moe_layers else None
+        own = set()
+        if block is not None:
+            if not hasattr(block.experts, "gate_up_proj"):
+                raise InputError(f"layer {i}: the model's experts are not fused; cannot prune them")
+            own = {id(p) for p in (block.gate.weight, *block.experts.parameters())}
+        prefix = self.layout.prefix.format(i=i)
+        for name, param in list(layer.named_parameters()):
+            if id(param) not in own:
+                _set_param(layer, name, self._tensor(prefix + name))
+        if block is not None:
+            router, gate_up, down = experts(i)
+            router, gate_up = router.float(), gate_up.float()  # each cast frees what it read
+            install(block, router, gate_up, down.float(), self.layout.top_k)
+        return layer, block
+
+    def release(self, i: int) -> None:
+        self.layers[i].to("meta")
+
+    def run(self, i: int, advance: bool = False) -> None:
+        """Every calibration batch through layer i (loaded); with `advance`, its outputs
+        become the hidden states the next layer receives."""
+        layer = self.layers[i]
+        with torch.no_grad():
+            for b in range(len(self.hidden)):
+                args, kwargs = self.calls[i][b]
+                out = layer(self.hidden[b], *args, **kwargs)
+                if advance:
+                    self.hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
