@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import upcycle.modeling  # noqa: F401  (registers upcycle_moe)
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.prune.experts import read_experts
-from upcycle.prune.layerwise import LayerRunner
+from upcycle.prune.layerwise import BATCH_ROWS, LayerRunner
 from upcycle.prune.plan import pyramid, read_layout
 
 
@@ -53,12 +53,12 @@ def test_the_layer_runner_computes_the_loaded_models_layers(models, name):
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_hook(lambda _m, _a, out, i=i: want.setdefault(i, []).append(out))
     with torch.no_grad():
-        for s in range(0, 5, 2):  # the runner's batches
-            model(input_ids=ids[s : s + 2], use_cache=False)
+        for s in range(0, 5, BATCH_ROWS):  # the runner's batches
+            model(input_ids=ids[s : s + BATCH_ROWS], use_cache=False)
     runner = LayerRunner(ckpt, layout, ids)
-    assert len(runner.hidden) == 3
+    assert len(runner.hidden) == -(-5 // BATCH_ROWS)
     for i in range(layout.num_layers):
-        runner.load(i, lambda j: read_experts(ckpt, layout, j))
+        runner.load(i, lambda j: read_experts(ckpt, layout, j, torch.float32))
         runner.run(i, advance=True)
         runner.release(i)
         for got, ref in zip(runner.hidden, want[i], strict=True):

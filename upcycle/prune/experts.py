@@ -14,21 +14,23 @@ import torch
 from upcycle.prune.select import ExpertPlan
 
 
-def read_experts(ckpt, layout, i: int):
-    """MoE layer i's (router (E, H), gate_up (E, 2I, H), down (E, H, I)) as stored, fused
-    whichever way the checkpoint holds its experts (`layout.fused` or one tensor each)."""
-    router = ckpt.get_torch(layout.router(i))
+def read_experts(ckpt, layout, i: int, dtype: torch.dtype | None = None):
+    """MoE layer i's (router (E, H), gate_up (E, 2I, H), down (E, H, I)), fused whichever way
+    the checkpoint holds its experts (`layout.fused` or one tensor each), as stored or cast to
+    `dtype`. One tensor per expert is cast as it is read, straight into the fused tensors, so
+    only one expert's tensor is ever held twice."""
+    router = ckpt.get_torch(layout.router(i), dtype)
     if layout.fused:
         gate_up_name, down_name = layout.fused_names(i)
-        return router, ckpt.get_torch(gate_up_name), ckpt.get_torch(down_name)
-    experts = range(layout.layer_experts[i])
-    gate_up = torch.stack(
-        [
-            torch.cat([ckpt.get_torch(layout.expert(i, e, r)) for r in ("gate", "up")])
-            for e in experts
-        ]
-    )
-    down = torch.stack([ckpt.get_torch(layout.expert(i, e, "down")) for e in experts])
+        return router, ckpt.get_torch(gate_up_name, dtype), ckpt.get_torch(down_name, dtype)
+    num, width, hidden = layout.layer_experts[i], layout.width, layout.hidden
+    dtype = dtype or router.dtype  # the writer casts each output tensor to its stored dtype
+    gate_up = torch.empty((num, 2 * width, hidden), dtype=dtype)
+    down = torch.empty((num, hidden, width), dtype=dtype)
+    for e in range(num):
+        gate_up[e, :width] = ckpt.get_torch(layout.expert(i, e, "gate"))
+        gate_up[e, width:] = ckpt.get_torch(layout.expert(i, e, "up"))
+        down[e] = ckpt.get_torch(layout.expert(i, e, "down"))
     return router, gate_up, down
 
 

@@ -29,7 +29,7 @@ from upcycle.errors import InputError
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.prune.plan import Layout
 
-BATCH_ROWS = 2  # calibration blocks per forward pass (its activations are transient memory)
+BATCH_ROWS = 1  # calibration blocks per forward pass (its activations are transient memory)
 
 
 class _Stop(Exception):
@@ -128,7 +128,7 @@ class LayerRunner:
 
     def load(self, i: int, experts) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         """Decoder layer i with its weights (float32) and its MoE block (None in a dense
-        layer). `experts(i)` gives the MoE layer's (router, gate_up, down) as stored."""
+        layer). `experts(i)` gives the MoE layer's (router, gate_up, down) in float32."""
         from upcycle.prune.experts import install
 
         layer = self.layers[i]
@@ -143,9 +143,7 @@ class LayerRunner:
             if id(param) not in own:
                 _set_param(layer, name, self._tensor(prefix + name))
         if block is not None:
-            router, gate_up, down = experts(i)
-            router, gate_up = router.float(), gate_up.float()  # each cast frees what it read
-            install(block, router, gate_up, down.float(), self.layout.top_k)
+            install(block, *experts(i), self.layout.top_k)
         return layer, block
 
     def release(self, i: int) -> None:

@@ -33,6 +33,7 @@ def _statistics(ckpt, layout: Layout, schedule: Schedule, opts, ids, progress, l
     neurons) before its output is computed: every later layer is measured on the hidden states
     of the pruned model, and with --experts and --width the neuron statistics come from the
     layer with its experts already pruned."""
+    import torch
     from tqdm.auto import tqdm
 
     from upcycle.prune.layerwise import LayerRunner
@@ -43,7 +44,7 @@ def _statistics(ckpt, layout: Layout, schedule: Schedule, opts, ids, progress, l
     routing, plans, keeps = {}, {}, {}
     last = max(layout.moe_layers)  # the layers after it change nothing the prune measures
     for i in tqdm(range(last + 1), desc="layers", disable=not progress, file=sys.stderr):
-        runner.load(i, lambda j: read_experts(ckpt, layout, j))
+        runner.load(i, lambda j: read_experts(ckpt, layout, j, torch.float32))
         if i in layout.moe_layers:
             _decide(runner, i, layout, schedule, opts, (routing, plans, keeps))
         if i < last:
