@@ -444,16 +444,8 @@ def print_tables(results: dict) -> None:
 # ------------------------------------------------------------------ main
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "_worker":
-        kind, rest = sys.argv[2], sys.argv[3:]
-        if kind == "eval":
-            worker_eval(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
-        else:
-            worker_speed(
-                json.loads(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4])
-            )
-        return
+def parser() -> argparse.ArgumentParser:
+    """The command line; `parser().parse_args([])` gives the defaults (bench/shrink.py uses them)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=256, help="training and evaluation blocks")
@@ -483,7 +475,20 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--work", type=Path, default=WORK, help="branches, models, prompts")
     ap.add_argument("--results", type=Path, help="JSON results (bench/results/btx_bam-MODE.json)")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "_worker":
+        kind, rest = sys.argv[2], sys.argv[3:]
+        if kind == "eval":
+            worker_eval(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        else:
+            worker_speed(
+                json.loads(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4])
+            )
+        return
+    a = parser().parse_args()
     set_paths(a.work.resolve(), (a.results or Path(str(RESULTS).format(mode=a.mode))).resolve())
     if a.moe_lr is None:
         a.moe_lr = DEFAULT_LR[a.mode]
