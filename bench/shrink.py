@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import btx_bam
-from measure import log, thread_env
+from measure import log
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -91,16 +91,10 @@ def shown(args: list) -> str:
 
 def run(args: list, threads: int) -> tuple[str, float]:
     """Run a command with `threads` threads; (stdout, seconds). StepFailed on a non-zero exit."""
-    args = [str(a) for a in args]
-    t = time.perf_counter()
-    p = subprocess.run(
-        args, env=thread_env(threads), capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
-    seconds = time.perf_counter() - t
-    if p.returncode:
-        lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
-        raise StepFailed(shown(args), lines[-1] if lines else f"exit code {p.returncode}")
-    return p.stdout, seconds
+    try:
+        return btx_bam.sh(args, threads, check=False)
+    except btx_bam.CommandFailed as e:
+        raise StepFailed(shown(args), str(e)) from None
 
 
 def upcycle(*args) -> list:
