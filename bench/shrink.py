@@ -35,6 +35,10 @@ a hash of upcycle/prune/): a rerun with the same settings reuses them. Pruned an
 models are deleted once measured. The JSON is written after every stage; tables go to stdout.
 The prune stages need `upcycle prune --by random`; without it they are skipped with a
 message (rerun later: everything else is reused).
+
+The file, in order: helpers (subprocess, stamps), the results file (cells keyed by settings),
+the scheduler (`Job`s run at most --jobs at once), evaluation (btx_bam.py's worker), one
+section of job builders per part (a, b, c), the tables, targets and plot, and `main`.
 """
 
 from __future__ import annotations

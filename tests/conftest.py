@@ -60,6 +60,18 @@ def _model_type(name: str) -> str:
     return name.split("-")[0]
 
 
+# The start of a script run in a fresh interpreter where `import upcycle` fails: what it loads
+# must need nothing of ours (the folder's own code, with trust_remote_code, at most).
+NO_UPCYCLE = r"""
+import importlib.abc, sys
+class NoUpcycle(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "upcycle" or name.startswith("upcycle."):
+            raise ImportError("upcycle is not installed here")
+sys.meta_path.insert(0, NoUpcycle())
+"""
+
+
 def save_tiny(path: str, family: str, seed: int = 0, tokenizer: bool = False, **overrides) -> str:
     """A random-weight checkpoint of `family` saved with save_pretrained (safetensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM

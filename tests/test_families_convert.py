@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, save_tiny
+from conftest import FAMILY_CONFIGS, NO_UPCYCLE, save_tiny
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,13 +20,10 @@ ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {f: FAMILY_CONFIGS[f] for f in ("gemma2", "gemma3_text", "phi3", "mistral")}
 
 # Loads a folder in a process where `import upcycle` fails: the output needs nothing of ours.
-LOAD = r"""
-import importlib.abc, json, sys
-class NoUpcycle(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "upcycle" or name.startswith("upcycle."):
-            raise ImportError("upcycle is not installed here")
-sys.meta_path.insert(0, NoUpcycle())
+LOAD = (
+    NO_UPCYCLE
+    + r"""
+import json, sys
 import torch
 from transformers import AutoModelForCausalLM
 folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
@@ -37,6 +34,7 @@ with torch.no_grad():
     gen = model.generate(ids[:1, :6], max_new_tokens=20, do_sample=False, use_cache=True)
 print(json.dumps({"cls": type(model).__name__, "logits": logits.tolist(), "gen": gen.tolist()}))
 """
+)
 
 
 def dense_outputs(path: str, ids: torch.Tensor) -> tuple[torch.Tensor, list]:

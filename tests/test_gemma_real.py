@@ -21,7 +21,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_cli, spy_on_final_model
+from conftest import NO_UPCYCLE, run_cli, spy_on_final_model
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,10 @@ SENTENCES = [
 
 # Loads a folder in a process where `import upcycle` fails and saves its logits on each prompt
 # and 20 greedy tokens after the first one.
-LOAD = r"""
-import importlib.abc, json, sys
-class NoUpcycle(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "upcycle" or name.startswith("upcycle."):
-            raise ImportError("upcycle is not installed here")
-sys.meta_path.insert(0, NoUpcycle())
+LOAD = (
+    NO_UPCYCLE
+    + r"""
+import json, sys
 import torch
 from transformers import AutoModelForCausalLM
 folder, prompts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
@@ -55,6 +52,7 @@ from safetensors.torch import save_file
 meta = {"cls": type(model).__name__, "gen": json.dumps(gen[0].tolist())}
 save_file({f"logits.{i}": t.contiguous() for i, t in enumerate(logits)}, out, metadata=meta)
 """
+)
 
 
 def load_without_upcycle(folder: str, prompts: list[list[int]]) -> dict:

@@ -30,7 +30,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, save_tiny
+from conftest import FAMILY_CONFIGS, NO_UPCYCLE, save_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -47,13 +47,10 @@ NEW_TOKENS = 20
 
 # Loads each folder named in a job file where `import upcycle` fails; writes logits and
 # greedy generations; for folders marked `resave`, saves the loaded model again and reloads it.
-LOAD = r"""
-import importlib.abc, json, os, sys
-class NoUpcycle(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "upcycle" or name.startswith("upcycle."):
-            raise ImportError("upcycle is not installed here")
-sys.meta_path.insert(0, NoUpcycle())
+LOAD = (
+    NO_UPCYCLE
+    + r"""
+import json, os, sys
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -85,6 +82,7 @@ for job in jobs:
     json.dump(meta, open(job["result"] + ".json", "w"))
 assert "upcycle" not in sys.modules
 """
+)
 
 
 def dense_ffn(tensors: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -84,8 +84,24 @@ def weighted_expert_sum(
     return out
 
 
+class WeightedExperts:
+    """The experts' forward for both layouts: each token's top-k experts, weighted; a subclass
+    gives `num_experts` and `expert(index, hidden_states)`."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden_states (N, H); top_k_index, top_k_weights (N, k) -> weighted expert sum (N, H)."""
+        return weighted_expert_sum(
+            hidden_states, top_k_index, top_k_weights, self.num_experts, self.expert
+        )
+
+
 @use_experts_implementation
-class UpcycleMoeExperts(nn.Module):
+class UpcycleMoeExperts(WeightedExperts, nn.Module):
     """E gated FFN experts in two fused tensors: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
 
     def __init__(self, config: UpcycleMoeConfig, num_experts: int):
@@ -106,17 +122,6 @@ class UpcycleMoeExperts(nn.Module):
         gate, up = nn.functional.linear(hidden_states, self.gate_up_proj[index]).chunk(2, dim=-1)
         return nn.functional.linear(self.act_fn(gate) * up, self.down_proj[index])
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-    ) -> torch.Tensor:
-        """hidden_states (N, H); top_k_index, top_k_weights (N, k) -> weighted expert sum (N, H)."""
-        return weighted_expert_sum(
-            hidden_states, top_k_index, top_k_weights, self.num_experts, self.expert
-        )
-
 
 class UpcycleMoeMLP(nn.Module):
     """A gated FFN down(act(gate x) * up x) of width `width`, with the family's activation."""
@@ -135,7 +140,7 @@ class UpcycleMoeMLP(nn.Module):
         )
 
 
-class UpcycleMoeExpertList(nn.ModuleList):
+class UpcycleMoeExpertList(WeightedExperts, nn.ModuleList):
     """E gated FFN experts stored apart (`fused_experts=False`): `{e}.gate_proj.weight` (I, H),
     `{e}.up_proj.weight` (I, H), `{e}.down_proj.weight` (H, I)."""
 
@@ -146,17 +151,6 @@ class UpcycleMoeExpertList(nn.ModuleList):
 
     def expert(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
         return self[index](hidden_states)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-    ) -> torch.Tensor:
-        """hidden_states (N, H); top_k_index, top_k_weights (N, k) -> weighted expert sum (N, H)."""
-        return weighted_expert_sum(
-            hidden_states, top_k_index, top_k_weights, self.num_experts, self.expert
-        )
 
 
 class UpcycleMoeSharedExpert(UpcycleMoeMLP):
