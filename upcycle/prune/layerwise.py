@@ -73,6 +73,11 @@ def moe_block(layer: torch.nn.Module, layout: Layout, i: int) -> torch.nn.Module
     raise InputError(f"layer {i}: cannot tell the MoE block among {sorted(found) or 'none'}")
 
 
+def _layers_path(layout: Layout) -> str:
+    """The decoder's layer list, e.g. "model.layers" for the prefix "model.layers.{i}."."""
+    return layout.prefix.format(i=0).rsplit(".", 2)[0]
+
+
 class LayerRunner:
     """The calibration blocks `ids` (B, S) and a layer-at-a-time view of the model."""
 
@@ -81,7 +86,7 @@ class LayerRunner:
 
         self.ckpt, self.layout = ckpt, layout
         self.model = empty_causal_lm(ckpt.path)
-        self.layers = self.model.get_submodule(layout.prefix.format(i=0).rsplit(".", 2)[0])
+        self.layers = self.model.get_submodule(_layers_path(layout))
         if len(self.layers) != layout.num_layers:
             raise InputError(
                 f"{ckpt.path}: the model builds {len(self.layers)} layers, "
@@ -92,7 +97,7 @@ class LayerRunner:
         self._capture(ids)
 
     def _outer_names(self) -> list[str]:
-        inner = self.layout.prefix.format(i=0).rsplit(".", 2)[0] + "."
+        inner = _layers_path(self.layout) + "."
         return [
             n
             for n, _ in self.model.named_parameters()
