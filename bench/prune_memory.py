@@ -60,6 +60,8 @@ def wrap(owner, name, label, reset=False):
                                seconds=time.perf_counter() - start))
     setattr(owner, name, measured)
 
+from upcycle.train.memory import uncached_blas
+uncached_blas()  # as `upcycle prune` does, before torch is imported
 import upcycle.prune.layerwise as layerwise
 import upcycle.prune.run as run
 wrap(layerwise.LayerRunner, "_capture", "capture", reset=True)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from upcycle.errors import InputError
 from upcycle.io.arrays import from_torch, to_torch
 from upcycle.io.checkpoint import Checkpoint
-from upcycle.io.safetensors_io import read_header, read_tensor
+from upcycle.io.safetensors_io import read_header, read_rows, read_tensor
 from upcycle.io.writer import ShardedWriter, parse_size, plan_shards
 
 
@@ -68,6 +68,21 @@ def test_reader_matches_safetensors(tmp_path):
     for name, t in ts.items():
         a = read_tensor(path, infos[name])
         assert torch.equal(to_torch(a, infos[name].dtype), t)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40, 1 << 20])
+def test_rows_read_alone_match_the_whole_tensor(tmp_path, chunk_bytes):
+    """A few rows of an embedding, read a chunk at a time: chunks of one row, of a few rows,
+    and of the whole tensor; the first and the last row included."""
+    t = torch.randn(50, 3, 2).to(torch.bfloat16)
+    path = str(tmp_path / "x.safetensors")
+    save_file({"pad": torch.zeros(7), "e": t}, path)
+    info = read_header(path)[0]["e"]
+    for rows in ([0], [49], [0, 1, 2, 30, 31, 49], list(range(50)), []):
+        got = to_torch(read_rows(path, info, np.array(rows), chunk_bytes), "BF16")
+        assert torch.equal(got, t[rows])
+    with pytest.raises(InputError, match="rows outside"):
+        read_rows(path, info, np.array([3, 50]))
 
 
 def test_reader_rejects_bad_offsets(tmp_path):

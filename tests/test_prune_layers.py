@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_tiny
@@ -16,9 +17,10 @@ from transformers import AutoModelForCausalLM
 
 import upcycle.modeling  # noqa: F401  (registers upcycle_moe)
 from upcycle.io.checkpoint import Checkpoint
-from upcycle.prune.experts import read_experts
+from upcycle.prune.experts import combine, combine_in_place, read_experts
 from upcycle.prune.layerwise import BATCH_ROWS, LayerRunner
 from upcycle.prune.plan import pyramid, read_layout
+from upcycle.prune.select import ExpertPlan
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,81 @@ def test_the_layer_runner_computes_the_loaded_models_layers(models, name):
         for got, ref in zip(runner.hidden, want[i], strict=True):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert all(p.device.type == "meta" for p in runner.layers[i].parameters())
+
+
+def test_the_runner_keeps_each_blocks_arguments_once(models):
+    """Blocks of one length get equal masks and rotary embeddings: the recorded calls share
+    the first block's tensors instead of holding a copy per block."""
+    ckpt = Checkpoint(models["gemma"])
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    runner = LayerRunner(ckpt, read_layout(ckpt), ids)
+
+    def tensors(call):
+        found = []
+
+        def walk(x):
+            if isinstance(x, torch.Tensor):
+                found.append(x)
+            elif isinstance(x, (tuple, list)):
+                for y in x:
+                    walk(y)
+            elif isinstance(x, dict):
+                for y in x.values():
+                    walk(y)
+
+        walk(call)
+        return found
+
+    for calls in runner.calls:
+        first = tensors(calls[0])
+        assert first  # rotary embeddings at least
+        for call in calls[1:]:
+            assert all(a is b for a, b in zip(tensors(call), first, strict=True))
+
+
+def test_blas_buffers_go_uncached_only_before_torch_loads():
+    """`upcycle prune` asks MKL not to cache GEMM buffers; MKL reads that when torch loads."""
+    code = (
+        "import os\n"
+        "from upcycle.train.memory import uncached_blas\n"
+        "first = uncached_blas()\n"
+        "import torch\n"
+        "print(first, os.environ['MKL_DISABLE_FAST_MM'], uncached_blas())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["True", "1", "False"]
+
+
+def _random_plan(rng, num, n, merge):
+    """n output experts from num: single members, or disjoint clusters covering them all."""
+    order = rng.permutation(num).tolist()
+    if not merge:
+        return ExpertPlan([[e] for e in order[:n]], [[1.0]] * n)
+    cuts = sorted(rng.choice(range(1, num), n - 1, replace=False).tolist())
+    members = [order[a:b] for a, b in zip([0, *cuts], [*cuts, num], strict=True)]
+    weights = [(w / w.sum()).tolist() for w in (rng.random(len(m)) for m in members)]
+    return ExpertPlan(members, weights)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_reducing_in_place_gives_what_is_written(merge):
+    """combine_in_place (the statistics' prune, in the layer's own memory) makes the same bits
+    as combine (the writer's), for selections in any order and merges whose rows move along
+    chains and cycles."""
+    rng = torch.Generator().manual_seed(0)
+    np_rng = np.random.default_rng(0)
+    for trial in range(200):
+        num = int(np_rng.integers(2, 9))
+        n = int(np_rng.integers(1, num + 1))
+        plan = _random_plan(np_rng, num, n, merge)
+        t = torch.randn(num, 3, 4, generator=rng)
+        want = combine(t, plan)
+        got = combine_in_place(t, plan)
+        assert got.data_ptr() == t.data_ptr(), trial
+        assert torch.equal(got, want), (trial, plan)
 
 
 def test_pyramid_on_upcycle_moe_lists_the_counts_and_stays_exact(cli, models, tmp_path):

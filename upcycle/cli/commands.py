@@ -257,6 +257,9 @@ def calibrate(model, out, data, max_tokens, seq_len, ridge, objective, force, as
 def prune(model, out, data, force, as_json, quiet, **options):
     """Prune the MoE MODEL to fewer experts (--experts) and/or narrower experts (--width),
     from routing statistics on --data; write the result to OUT (see docs/prune.md)."""
+    from upcycle.train.memory import uncached_blas
+
+    uncached_blas()  # before anything imports torch: a layer's pass leaves no GEMM buffers
     from upcycle.data import resolve_texts
     from upcycle.io.default_model import resolve_model
     from upcycle.io.writer import check_output_dir

@@ -10,7 +10,7 @@ import numpy as np
 from upcycle.errors import InputError
 from upcycle.io.arrays import FLOATS, cast
 from upcycle.io.jsonfile import read_json
-from upcycle.io.safetensors_io import TensorInfo, read_header, read_tensor
+from upcycle.io.safetensors_io import TensorInfo, read_header, read_rows, read_tensor
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -86,6 +86,13 @@ class Checkpoint:
         info = self.infos[name]
         a = read_tensor(self._files[name], info)
         return a if dtype is None else cast(a, info.dtype, dtype)
+
+    def get_rows(self, name: str, rows) -> np.ndarray:
+        """Rows `rows` (sorted, unique indices into the first dimension) of a tensor, in its
+        storage dtype, without reading the rest (`read_rows`)."""
+        if name not in self.infos:
+            raise InputError(f"{self.path}: tensor {name} is missing")
+        return read_rows(self._files[name], self.infos[name], rows)
 
     def get_torch(self, name: str, dtype=None):
         """The tensor as a torch tensor (optionally cast to a torch dtype)."""

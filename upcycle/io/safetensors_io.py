@@ -90,6 +90,31 @@ def read_tensor(path: str, info: TensorInfo) -> np.ndarray:
     return out
 
 
+def read_rows(path: str, info: TensorInfo, rows: np.ndarray, chunk_bytes: int = 4 << 20):
+    """Rows `rows` (sorted, unique) of a tensor's first dimension, as an array of its storage
+    dtype: the file is read a chunk of rows at a time, from the next row wanted, so a few rows
+    of an embedding cost a few chunks rather than the whole matrix."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= info.shape[0]):
+        raise InputError(f"{path}: rows outside {info.name!r} (first dimension {info.shape[0]})")
+    dtype = STORAGE[info.dtype]
+    row_bytes = info.nbytes // max(info.shape[0], 1)
+    out = np.empty((len(rows), *info.shape[1:]), dtype=dtype)
+    buf = np.empty((max(1, chunk_bytes // max(row_bytes, 1)), *info.shape[1:]), dtype=dtype)
+    at = 0
+    with open(path, "rb") as f:
+        while at < len(rows):
+            first = int(rows[at])
+            n = min(len(buf), info.shape[0] - first)
+            f.seek(info.begin + first * row_bytes)
+            if f.readinto(memoryview(buf[:n].reshape(-1).view(np.uint8))) != n * row_bytes:
+                raise InputError(f"{path}: truncated while reading {info.name!r}")
+            end = at + int(np.searchsorted(rows[at:], first + n))
+            out[at:end] = buf[rows[at:end] - first]
+            at = end
+    return out
+
+
 class StreamingFile:
     """A safetensors file whose header is fixed up front; tensors are appended in header order."""
 

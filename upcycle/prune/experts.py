@@ -49,19 +49,71 @@ def combine(t: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     return out
 
 
-def reduce_experts(router, gate_up, down, plan: ExpertPlan):
-    """(router, gate_up, down) of the plan's experts: router rows are combined as the experts."""
-    return combine(router, plan), combine(gate_up, plan), combine(down, plan)
+def combine_in_place(t: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+    """`combine(t, plan)` built in t's own memory, returned as the view t[:N] (t's rows past
+    N are left as garbage): no second copy of the experts exists at any time.
+
+    Output expert j is first made in the row of one of its members (j itself when it is
+    one), which no other output expert reads, since each expert belongs to one output at
+    most; then every row moves to its place. The arithmetic is `combine`'s, so both give the
+    same bits."""
+    rows = [m for members in plan.members for m in members]
+    if len(set(rows)) < len(rows):  # an expert in two outputs: not expressible in place
+        return combine(t, plan)
+    sources = []
+    for j, (members, weights) in enumerate(zip(plan.members, plan.weights, strict=True)):
+        row = j if j in members else members[0]
+        if len(members) > 1:
+            acc = torch.zeros(t.shape[1:], dtype=torch.float32)
+            for e, w in zip(members, weights, strict=True):
+                acc += w * t[e].float()
+            t[row] = acc
+        sources.append(row)
+    _gather_rows(t, sources)
+    return t[: len(sources)]
+
+
+def _gather_rows(t: torch.Tensor, sources: list[int]) -> None:
+    """t[j] = t[sources[j]] for every j at once (sources distinct), in place: each row has
+    at most one source and one destination, so the moves form chains, done from the row
+    whose content nobody needs, and cycles, which hold one row aside."""
+    incoming = {j: s for j, s in enumerate(sources) if s != j}
+    moved = set(incoming.values())
+    for end in [d for d in incoming if d not in moved]:
+        d = end
+        while d in incoming:
+            s = incoming.pop(d)
+            t[d] = t[s]
+            d = s
+    while incoming:  # cycles
+        first = d = next(iter(incoming))
+        held = t[first].clone()
+        while True:
+            s = incoming.pop(d)
+            if s == first:
+                t[d] = held
+                break
+            t[d] = t[s]
+            d = s
+
+
+def reduce_experts(router, gate_up, down, plan: ExpertPlan, in_place: bool = False):
+    """(router, gate_up, down) of the plan's experts: router rows are combined as the experts.
+    With `in_place`, the experts' tensors are reduced in their own memory (`combine_in_place`)."""
+    experts = combine_in_place if in_place else combine
+    return combine(router, plan), experts(gate_up, plan), experts(down, plan)
 
 
 def narrow_experts(gate_up: torch.Tensor, down: torch.Tensor, keep: np.ndarray):
     """Each expert e keeps its neurons keep[e] (N, I'): gate and up rows, down columns."""
-    width = down.shape[2]
-    gu, dn = [], []
-    for e, idx in enumerate(torch.from_numpy(np.asarray(keep, dtype=np.int64))):
-        gu.append(gate_up[e].index_select(0, torch.cat([idx, idx + width])))
-        dn.append(down[e].index_select(1, idx))
-    return torch.stack(gu), torch.stack(dn)
+    keep = torch.from_numpy(np.asarray(keep, dtype=np.int64))
+    num, width, new_width = down.shape[0], down.shape[2], keep.shape[1]
+    gu = torch.empty((num, 2 * new_width, gate_up.shape[2]), dtype=gate_up.dtype)
+    dn = torch.empty((num, down.shape[1], new_width), dtype=down.dtype)
+    for e, idx in enumerate(keep):
+        torch.index_select(gate_up[e], 0, torch.cat([idx, idx + width]), out=gu[e])
+        torch.index_select(down[e], 1, idx, out=dn[e])
+    return gu, dn
 
 
 def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

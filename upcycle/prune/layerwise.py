@@ -3,12 +3,13 @@
 The model is built with every parameter on the meta device (`empty_causal_lm`); only what one
 step needs is ever in memory:
 
-1. Capture: the embedding (and whatever else sits outside the decoder layers) is loaded and
-   every decoder layer is replaced by a recorder that keeps the arguments the model passes it
-   (attention mask, position ids, rotary embeddings: per layer, since families such as Gemma
-   give local and global layers different ones) and hands its input on unchanged. One forward
-   per batch of blocks gives the embeddings, the decoder's input, and each layer's arguments;
-   the outer weights are released afterwards.
+1. Capture: the embedding's rows of the tokens present (and whatever else sits outside the
+   decoder layers) are loaded and every decoder layer is replaced by a recorder that keeps the
+   arguments the model passes it (attention mask, position ids, rotary embeddings: per layer,
+   since families such as Gemma give local and global layers different ones; a tensor equal to
+   the previous batch's is kept once) and hands its input on unchanged. One forward per batch
+   of blocks gives the embeddings, the decoder's input, and each layer's arguments; the outer
+   weights are released afterwards.
 2. Layers, in order: `load(i)` reads layer i's tensors from the checkpoint in float32 (the MoE
    block's router and experts through the checkpoint's layout, fused as transformers holds
    them), `run` passes every calibration block through it, `advance` replaces the hidden
@@ -26,10 +27,11 @@ from __future__ import annotations
 import torch
 
 from upcycle.errors import InputError
+from upcycle.io.arrays import to_torch
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.prune.plan import Layout
 
-BATCH_ROWS = 1  # calibration blocks per forward pass (its activations are transient memory)
+BATCH_ROWS = 2  # calibration blocks per forward pass (its activations are transient memory)
 
 
 class _Stop(Exception):
@@ -44,12 +46,31 @@ class _Recorder(torch.nn.Module):
         self.calls, self.first, self.last = calls, first, last
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.calls.append((args, kwargs))
+        call = (args, kwargs)
+        self.calls.append(_reuse(self.calls[-1], call) if self.calls else call)
         if self.first is not None:
             self.first.append(hidden_states)
         if self.last:
             raise _Stop
         return hidden_states
+
+
+def _reuse(before, now):
+    """`now` with every tensor equal to its counterpart in `before` replaced by that one: the
+    masks and rotary embeddings of same-length blocks are kept once, not once per block."""
+    if isinstance(now, torch.Tensor):
+        same = (
+            isinstance(before, torch.Tensor)
+            and before.shape == now.shape
+            and before.dtype == now.dtype
+            and torch.equal(before, now)
+        )
+        return before if same else now
+    if isinstance(now, (tuple, list)) and type(before) is type(now) and len(before) == len(now):
+        return type(now)(_reuse(b, n) for b, n in zip(before, now, strict=True))
+    if isinstance(now, dict) and isinstance(before, dict):
+        return {k: _reuse(before.get(k), v) for k, v in now.items()}
+    return now
 
 
 def _set_param(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -105,9 +126,16 @@ class LayerRunner:
         ]
 
     def _capture(self, ids: torch.Tensor) -> None:
+        embed = self.model.get_input_embeddings()
+        embed_name = next(n for n, p in self.model.named_parameters() if p is embed.weight)
+        # only the rows of the tokens present are read; the blocks index them through `local`
+        vocab, local = torch.unique(ids, return_inverse=True)
         outer = self._outer_names()
         for name in outer:
-            _set_param(self.model, name, self._tensor(name))
+            value = self._tensor(name, vocab if name == embed_name else None)
+            _set_param(self.model, name, value)
+        padding = getattr(embed, "padding_idx", None)
+        embed.padding_idx = None  # it may lie past the rows read; it only matters to gradients
         real = list(self.layers)
         last = len(real) - 1
         for i in range(len(real)):
@@ -116,20 +144,25 @@ class LayerRunner:
         try:
             with torch.no_grad():
                 for s in range(0, ids.shape[0], BATCH_ROWS):
+                    embeds = embed(local[s : s + BATCH_ROWS])
                     try:
-                        self.model(input_ids=ids[s : s + BATCH_ROWS], use_cache=False)
+                        self.model(inputs_embeds=embeds, use_cache=False)
                     except _Stop:
                         pass
         finally:
+            embed.padding_idx = padding
             for i, layer in enumerate(real):
                 self.layers[i] = layer
             for name in outer:  # the embedding's job is done
                 _set_param(self.model, name, torch.empty(0, device="meta"))
 
-    def _tensor(self, name: str) -> torch.Tensor:
+    def _tensor(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A tensor of the checkpoint in float32; with `rows`, only those rows of it."""
         if name not in self.ckpt:
             raise InputError(f"{self.ckpt.path}: tensor {name} is missing")
-        return self.ckpt.get_torch(name).float()
+        if rows is None:
+            return self.ckpt.get_torch(name).float()
+        return to_torch(self.ckpt.get_rows(name, rows.numpy()), self.ckpt.infos[name].dtype).float()
 
     def load(self, i: int, experts) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         """Decoder layer i with its weights (float32) and its MoE block (None in a dense

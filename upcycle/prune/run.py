@@ -37,9 +37,10 @@ def _statistics(ckpt, layout: Layout, schedule: Schedule, opts, ids, progress, l
     from tqdm.auto import tqdm
 
     from upcycle.prune.layerwise import LayerRunner
-    from upcycle.prune.stats import trim_heap
+    from upcycle.train.memory import free_eagerly, trim_heap
 
     log(f"statistics on {ids.numel()} tokens, one layer at a time ...")
+    free_eagerly()  # what a pass frees goes back to the system at once
     runner = LayerRunner(ckpt, layout, ids)
     routing, plans, keeps = {}, {}, {}
     last = max(layout.moe_layers)  # the layers after it change nothing the prune measures
@@ -61,7 +62,8 @@ def _decide(runner, i, layout, schedule, opts, results) -> None:
     """Layer i's expert plan and kept neurons, applied to the loaded layer."""
     from upcycle.prune.experts import install, narrow_experts, reduce_experts
     from upcycle.prune.layerwise import moe_block
-    from upcycle.prune.stats import neuron_importance, routing_stats, trim_heap
+    from upcycle.prune.stats import neuron_importance, routing_stats
+    from upcycle.train.memory import trim_heap
 
     routing, plans, keeps = results
     block = moe_block(runner.layers[i], layout, i)
@@ -80,7 +82,8 @@ def _decide(runner, i, layout, schedule, opts, results) -> None:
         plans[i] = plan_layer(opts.by, schedule.counts[i], stats.counts, stats.logits, opts.seed, i)
         stats.logits = None
         routing[i] = stats
-        router, gate_up, down = reduce_experts(router, gate_up, down, plans[i])
+        # in place: the layer's full set of experts is never held twice
+        router, gate_up, down = reduce_experts(router, gate_up, down, plans[i], in_place=True)
     install(block, router, gate_up, down, schedule.top_k)
     if schedule.width < layout.width:
         keeps[i] = keep_neurons(neuron_importance(block, forward), schedule.width)

@@ -19,15 +19,6 @@ import numpy as np
 import torch
 
 
-def trim_heap() -> None:
-    """Give the heap's free pages back to the system (glibc; elsewhere nothing happens)."""
-    from upcycle.train.memory import HeapTrimmer
-
-    trimmer = HeapTrimmer()
-    if trimmer.available:
-        trimmer.libc.malloc_trim(0)
-
-
 @dataclass
 class RoutingStats:
     counts: np.ndarray  # (E,) top-k choices per expert
