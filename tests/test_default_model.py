@@ -202,6 +202,33 @@ def test_real_default_model_copy_upcycling_is_exact(tmp_path):
 
 
 @pytest.mark.slow
+def test_real_default_model_prune_by_merge_gives_the_dense_model(tmp_path):
+    """SmolLM2-135M-Instruct copied into 4 experts, then `upcycle prune` to 2 by merge (layer
+    by layer, on builtin data): averaging identical copies loses nothing, so the stock Mixtral
+    it writes computes the dense model's logits (fp32: max |dlogit| <= 1e-4)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from upcycle.io.default_model import fetch_default
+
+    src = fetch_default()
+    moe, out = str(tmp_path / "moe"), str(tmp_path / "pruned")
+    assert run_cli("convert", "default", moe, "-E", "4", "-k", "2", "-q").code == 0
+    args = ("--experts", "2", "--by", "merge", "--data", "builtin", "--max-tokens", "2048")
+    r = run_cli("prune", moe, out, *args, "-q")
+    assert r.code == 0, r.err
+    record = json.loads(open(os.path.join(out, "upcycle.json")).read())["prune"][-1]
+    assert record["num_experts"] == {"from": 4, "to": 2} and len(record["layers"]) == 30
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(pruned).__name__ == "MixtralForCausalLM"
+    assert pruned.config.num_local_experts == 2
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    text = AutoTokenizer.from_pretrained(out)("def fibonacci(n):\n    return", return_tensors="pt")
+    with torch.no_grad():
+        diff = (dense(**text).logits - pruned(**text).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.slow
 def test_real_default_model_mixlora_train_merge(tmp_path):
     """MixLoRA on SmolLM2-135M: a short run lowers the held-out loss; the merged Mixtral
     checkpoint loads in stock transformers and matches the adapter model (fp32: <= 1e-4, or
