@@ -368,6 +368,22 @@ def test_unknown_model_type_and_short_data(cli, sources, tiny, tmp_path):
     assert not out.exists()
 
 
+def test_token_ids_past_the_embedding(cli, sources, tmp_path):
+    """A tokenizer that gives ids the model has no embedding row for: a one-line error."""
+    src = tmp_path / "small_vocab"
+    shutil.copytree(sources["mixtral"], src)
+    tensors = load_file(str(src / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(("embed_tokens.weight", "lm_head.weight"))]:
+        tensors[name] = tensors[name][:20].clone()
+    save_file(tensors, str(src / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "vocab_size": 20}))
+    out = tmp_path / "out"
+    r = cli("prune", str(src), str(out), "--data", sources["data"], "--experts", "2")
+    assert_one_line_error(r, "past the model's 20 embedding rows")
+    assert not out.exists()
+
+
 def test_pyramid_schedule_and_width_rounding():
     assert pyramid(2, 8, 4) == [2, 4, 6, 8]
     assert pyramid(4, 8, 3) == [4, 6, 8] and pyramid(3, 8, 1) == [3]

@@ -9,6 +9,7 @@ import sys
 import time
 
 from upcycle.engine.outputs import PROVENANCE
+from upcycle.errors import InputError
 from upcycle.io.checkpoint import Checkpoint
 from upcycle.io.writer import check_output_dir, claims_output_dir
 from upcycle.prune.experts import read_experts
@@ -173,6 +174,12 @@ def prune(
         texts, load_tokenizer(ckpt.path), seq_len=opts.seq_len, max_tokens=opts.max_tokens
     )
     check_tokens(ids.numel(), layout)
+    rows = ckpt.config.get("vocab_size")
+    if isinstance(rows, int) and int(ids.max()) >= rows:
+        raise InputError(
+            f"{ckpt.path}: the tokenizer gives token id {int(ids.max())}, past the model's "
+            f"{rows} embedding rows"
+        )
     routing, plans, keeps = _statistics(ckpt, layout, schedule, opts, ids, progress, log)
     changes = {
         i: LayerChange(plans.get(i), keeps.get(i))
