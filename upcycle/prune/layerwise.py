@@ -38,6 +38,11 @@ class _Stop(Exception):
     """Raised by the last recorder: nothing past the decoder layers is needed."""
 
 
+class Measured(Exception):
+    """Raised by a statistics hook once it has what it needs from a batch: the rest of the
+    layer's forward (the experts, above all) is skipped when its output is not wanted."""
+
+
 class _Recorder(torch.nn.Module):
     """Stands in for a decoder layer during the capture: keeps its call's arguments."""
 
@@ -189,11 +194,17 @@ class LayerRunner:
 
     def run(self, i: int, advance: bool = False) -> None:
         """Every calibration batch through layer i (loaded); with `advance`, its outputs
-        become the hidden states the next layer receives."""
+        become the hidden states the next layer receives. Without, a hook may end a batch
+        early by raising `Measured`."""
         layer = self.layers[i]
         with torch.no_grad():
             for b in range(len(self.hidden)):
                 args, kwargs = self.calls[i][b]
-                out = layer(self.hidden[b], *args, **kwargs)
+                try:
+                    out = layer(self.hidden[b], *args, **kwargs)
+                except Measured:
+                    if advance:
+                        raise
+                    continue
                 if advance:
                     self.hidden[b] = out[0] if isinstance(out, (tuple, list)) else out

@@ -1,7 +1,9 @@
 """Routing and neuron statistics of one loaded MoE block on the calibration tokens, by hooks.
 
 Each function hooks one block and calls `forward()`, which passes every calibration batch
-through the block's layer (`upcycle.prune.layerwise.LayerRunner.run`).
+through the block's layer (`upcycle.prune.layerwise.LayerRunner.run`). A hook raises `Measured`
+once it has recorded a batch: what the layer would compute after it (the experts' products,
+for routing statistics; the experts' own pass, for neuron importance) is skipped.
 
 - `routing_stats`: a hook on the block's router records its logits (T, E); we keep how often
   each expert is in a token's top-k and, when clustering needs them, the logits.
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from upcycle.prune.layerwise import Measured
 
 
 @dataclass
@@ -45,6 +49,7 @@ def routing_stats(block, forward, top_k: int, keep_logits: bool) -> RoutingStats
         tokens += x.shape[0]
         if keep_logits:
             logits.append(x.numpy().copy())
+        raise Measured
 
     handle = block.gate.register_forward_hook(record)
     try:
@@ -77,6 +82,7 @@ def neuron_importance(block, forward) -> np.ndarray:
             h = module.act_fn(gate.float()) * up.float()
             sums[e] += h.abs().sum(dim=0).double()
             counts[e] += len(token)
+        raise Measured
 
     handle = block.experts.register_forward_pre_hook(record, with_kwargs=True)
     try:
