@@ -24,6 +24,7 @@ from upcycle.prune.plan import (
 )
 from upcycle.prune.select import ExpertPlan, keep_neurons, plan_layer, ranges
 from upcycle.prune.write import LayerChange, write
+from upcycle.train.memory import freeing_eagerly
 
 
 def _statistics(ckpt, layout: Layout, schedule: Schedule, opts, ids, progress, log):
@@ -38,10 +39,9 @@ def _statistics(ckpt, layout: Layout, schedule: Schedule, opts, ids, progress, l
     from tqdm.auto import tqdm
 
     from upcycle.prune.layerwise import LayerRunner
-    from upcycle.train.memory import free_eagerly, trim_heap
+    from upcycle.train.memory import trim_heap
 
     log(f"statistics on {ids.numel()} tokens, one layer at a time ...")
-    free_eagerly()  # what a pass frees goes back to the system at once
     runner = LayerRunner(ckpt, layout, ids)
     routing, plans, keeps = {}, {}, {}
     last = max(layout.moe_layers)  # the layers after it change nothing the prune measures
@@ -180,14 +180,15 @@ def prune(
             f"{ckpt.path}: the tokenizer gives token id {int(ids.max())}, past the model's "
             f"{rows} embedding rows"
         )
-    routing, plans, keeps = _statistics(ckpt, layout, schedule, opts, ids, progress, log)
-    changes = {
-        i: LayerChange(plans.get(i), keeps.get(i))
-        for i in layout.moe_layers
-        if i in plans or i in keeps
-    }
-    record = prune_record(opts, data, int(ids.numel()), layout, schedule, routing, plans, keeps)
-    config = new_config(ckpt.config, layout, schedule)
-    write(ckpt, layout, schedule, changes, out, config, _provenance(ckpt, record), force)
+    with freeing_eagerly():  # what a pass frees goes back to the system at once
+        routing, plans, keeps = _statistics(ckpt, layout, schedule, opts, ids, progress, log)
+        changes = {
+            i: LayerChange(plans.get(i), keeps.get(i))
+            for i in layout.moe_layers
+            if i in plans or i in keeps
+        }
+        record = prune_record(opts, data, int(ids.numel()), layout, schedule, routing, plans, keeps)
+        config = new_config(ckpt.config, layout, schedule)
+        write(ckpt, layout, schedule, changes, out, config, _provenance(ckpt, record), force)
     log(f"pruned {len(changes)} MoE layers in {time.perf_counter() - start:.1f} s")
     return record

@@ -18,12 +18,13 @@ step instead of about ten). Page faults are unusually expensive on this sandboxe
 bare-metal machines pay less. It stays opt-in: it needs glibc and helps only on CPU.
 
 `upcycle prune` holds one decoder layer at a time, so the caches are most of what it holds
-above that layer: it fixes glibc's mmap threshold (`free_eagerly`), asks MKL not to cache GEMM
+above that layer: it fixes glibc's mmap threshold while it measures (`freeing_eagerly`), asks MKL not to cache GEMM
 buffers (`uncached_blas`, before torch loads) and trims after every pass (`trim_heap`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -42,7 +43,8 @@ def _libc():
     return libc
 
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+SETTLED_MMAP_THRESHOLD = 32 << 20  # where glibc's dynamic threshold ends up in a torch process
 
 
 @functools.cache
@@ -61,14 +63,23 @@ def _mkl():
     return lib
 
 
-def free_eagerly() -> None:
-    """From now on, for the whole process, glibc serves every allocation of 64 KB or more by
-    its own mapping, unmapped when freed: its threshold no longer rises to 32 MB after big
-    blocks are freed, which kept transient tensors resident in its heap. For a job whose peak
-    matters more than a few page faults (`upcycle prune`)."""
+@contextlib.contextmanager
+def freeing_eagerly():
+    """While inside, glibc serves every allocation of 64 KB or more by its own mapping,
+    unmapped when freed: its threshold does not rise to 32 MB after big blocks are freed, which
+    keeps transient tensors resident in its heap. For a job whose peak matters more than a few
+    page faults (`upcycle prune`'s statistics). glibc's dynamic threshold cannot be switched
+    back on, so on leaving it is fixed where it settles in a torch process (32 MB, the trim
+    threshold twice that), which keeps later work as fast as before."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 64 << 10)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * SETTLED_MMAP_THRESHOLD)
 
 
 def uncached_blas() -> bool:
