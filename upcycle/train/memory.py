@@ -18,8 +18,9 @@ step instead of about ten). Page faults are unusually expensive on this sandboxe
 bare-metal machines pay less. It stays opt-in: it needs glibc and helps only on CPU.
 
 `upcycle prune` holds one decoder layer at a time, so the caches are most of what it holds
-above that layer: it fixes glibc's mmap threshold while it measures (`freeing_eagerly`), asks MKL not to cache GEMM
-buffers (`uncached_blas`, before torch loads) and trims after every pass (`trim_heap`).
+above that layer: it fixes glibc's mmap threshold while it runs (`freeing_eagerly`), asks MKL
+not to cache GEMM buffers (`uncached_blas`, before torch loads) and trims after every pass
+(`trim_heap`).
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def freeing_eagerly():
     """While inside, glibc serves every allocation of 64 KB or more by its own mapping,
     unmapped when freed: its threshold does not rise to 32 MB after big blocks are freed, which
     keeps transient tensors resident in its heap. For a job whose peak matters more than a few
-    page faults (`upcycle prune`'s statistics). glibc's dynamic threshold cannot be switched
-    back on, so on leaving it is fixed where it settles in a torch process (32 MB, the trim
-    threshold twice that), which keeps later work as fast as before."""
+    page faults (`upcycle prune`). glibc's dynamic threshold cannot be switched back on, so on
+    leaving it is fixed where that rule leaves it in a torch process (32 MB, and the trim
+    threshold twice that): later work in the process allocates as it would have."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 64 << 10)
