@@ -5,7 +5,9 @@ minute of dequantizing; Gemma-licensed, the Gemma Terms of Use apply) through up
 - copy upcycling E=4 top-2 reproduces the dense model: fp32 logits on real sentences within
   TOL of the logit scale, the same 20 greedy tokens;
 - a short MixLoRA run merges into an upcycle_moe checkpoint whose logits are the trained
-  adapter model's (within TOL), and which loads and generates where `import upcycle` fails.
+  adapter model's (within TOL), and which loads and generates where `import upcycle` fails;
+- the copies pruned layer by layer to a pyramid of 2..4 experts by merge still reproduce the
+  dense model (within TOL, the same 20 greedy tokens).
 
 The upcycle_moe folders are loaded in a subprocess that cannot import upcycle
 (trust_remote_code=True: the folder's own code). Timings and differences go to stdout (-s).
@@ -162,3 +164,29 @@ def test_mixlora_on_gemma_merges_into_upcycle_moe(gemma, prompts, tmp_path, monk
     assert moved > 100 * TOL
     assert gap <= TOL
     assert len(got["gen"]) == len(prompts[2]) + 20 and text.strip()
+
+
+def test_pyramid_prune_of_gemma_copies_is_exact(gemma, prompts, tmp_path, monkeypatch):
+    """Copies of Gemma 3's FFN (E=4), pruned layer by layer to a pyramid of 2..4 experts by
+    merge: averaging identical copies loses nothing, so the upcycle_moe folder, with its count
+    per layer, still computes the dense model where upcycle cannot be imported. This runs the
+    real model's scaled embedding (read row by row), padding id and sliding-window layers
+    through the prune's layer runner."""
+    monkeypatch.chdir(tmp_path)
+    moe, out = str(tmp_path / "moe"), str(tmp_path / "pruned")
+    assert run_cli("convert", "gemma-3-270m", moe, "-E", "4", "-k", "2", "-q").code == 0
+    start = time.perf_counter()
+    args = ("--experts", "2", "--pyramid", "--by", "merge", "--data", "builtin")
+    r = run_cli("prune", moe, out, *args, "--max-tokens", "2048", "-q")
+    assert r.code == 0, r.err
+    pruned = time.perf_counter()
+    config = json.load(open(os.path.join(out, "config.json")))
+    counts = config["layer_experts"]
+    assert counts[0] == 2 and counts[-1] == 4 and counts == sorted(counts)
+    logits, gen = dense_outputs(gemma, prompts)
+    got = load_without_upcycle(out, prompts)
+    gap = relative_gap(got["logits"], logits)
+    print(f"\nprune {pruned - start:.1f} s; relative max |dlogit| {gap:.3g}")
+    assert got["cls"] == "UpcycleMoeForCausalLM"
+    assert gap <= TOL
+    assert got["gen"] == gen
