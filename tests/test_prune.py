@@ -45,20 +45,35 @@ def _convert(cli, src, out, *args):
     return out
 
 
+NOISY = ("-E", "6", "-k", "2", "--expert-noise", "0.1")  # 6 experts, top-2, experts that differ
+
+
+def dense_sources(root, **llama_config) -> dict:
+    """Tiny dense llama and Gemma 3 checkpoints, the calibration text, and the llama's
+    6-expert mixtral conversion: what every prune test starts from."""
+    from conftest import run_cli as cli
+
+    llama = save_tiny(str(root / "llama"), "llama", tokenizer=True, **llama_config)
+    gemma = save_tiny(str(root / "gemma"), "gemma3_text", tokenizer=True, **FAMILIES["gemma3_text"])
+    return {
+        "llama": llama,
+        "gemma_dense": gemma,
+        "data": _corpus(root / "data.txt"),
+        "mixtral": _convert(cli, llama, str(root / "mixtral"), *NOISY),
+    }
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """Tiny MoE checkpoints with 6 routed experts, top-2, experts that differ."""
     from conftest import run_cli as cli
 
     root = tmp_path_factory.mktemp("prune")
-    llama = save_tiny(str(root / "llama"), "llama", tokenizer=True)
+    base = dense_sources(root)
+    gemma = base.pop("gemma_dense")
     qwen2 = save_tiny(str(root / "qwen2"), "qwen2", tokenizer=True)
-    gemma = save_tiny(str(root / "gemma"), "gemma3_text", tokenizer=True, **FAMILIES["gemma3_text"])
-    noisy = ("-E", "6", "-k", "2", "--expert-noise", "0.1")
     return {
-        "llama": llama,
-        "data": _corpus(root / "data.txt"),
-        "mixtral": _convert(cli, llama, str(root / "mixtral"), *noisy),
+        **base,
         "qwen2_moe": _convert(
             cli,
             qwen2,
@@ -72,9 +87,9 @@ def sources(tmp_path_factory):
             "-k",
             "2",
         ),
-        "upcycle_moe": _convert(cli, gemma, str(root / "upcycle_moe"), *noisy),
+        "upcycle_moe": _convert(cli, gemma, str(root / "upcycle_moe"), *NOISY),
         "upcycle_moe_layer0": _convert(
-            cli, gemma, str(root / "upcycle_moe_layer0"), *noisy, "--moe-layers", "0"
+            cli, gemma, str(root / "upcycle_moe_layer0"), *NOISY, "--moe-layers", "0"
         ),
     }
 

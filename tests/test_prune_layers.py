@@ -9,9 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny
-from test_families_convert import FAMILIES
-from test_prune import IDS, _convert, _corpus, check_output, out_logits, prune, reference_logits
+from test_prune import (
+    IDS,
+    NOISY,
+    _convert,
+    check_output,
+    dense_sources,
+    out_logits,
+    prune,
+    reference_logits,
+)
 from test_upcycle_moe_modeling import LOAD
 from transformers import AutoModelForCausalLM
 
@@ -28,18 +35,15 @@ def models(tmp_path_factory):
     from conftest import run_cli as cli
 
     root = tmp_path_factory.mktemp("prune_layers")
-    llama = save_tiny(str(root / "llama"), "llama", tokenizer=True, num_hidden_layers=4)
-    gemma = save_tiny(str(root / "gemma"), "gemma3_text", tokenizer=True, **FAMILIES["gemma3_text"])
-    noisy = ("-E", "6", "-k", "2", "--expert-noise", "0.1")
+    base = dense_sources(root, num_hidden_layers=4)
+    llama, gemma = base["llama"], base.pop("gemma_dense")
     return {
-        "llama": llama,
-        "data": _corpus(root / "data.txt"),
-        "mixtral": _convert(cli, llama, str(root / "mixtral"), *noisy),
+        **base,
         "copy": _convert(
             cli, llama, str(root / "copy"), "-E", "6", "-k", "2", "--target", "upcycle_moe"
         ),
-        "noisy": _convert(cli, llama, str(root / "noisy"), *noisy, "--target", "upcycle_moe"),
-        "gemma": _convert(cli, gemma, str(root / "gemma_moe"), *noisy),
+        "noisy": _convert(cli, llama, str(root / "noisy"), *NOISY, "--target", "upcycle_moe"),
+        "gemma": _convert(cli, gemma, str(root / "gemma_moe"), *NOISY),
     }
 
 
